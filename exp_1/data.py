@@ -1,0 +1,296 @@
+"""IMDB data: load, de-duplicate, split once with a seed, tokenise with a cache, batch by optimizer-step windows.
+
+The split is leak-free by construction: train and test of the source are combined, duplicate texts are dropped, and
+one seeded stratified split assigns every remaining review to exactly one of train/validation/test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from exp_1.config import UserError
+
+SOURCE_SPLITS = ("train", "test")  # combined in this order; the hub's `unsupervised` split has no labels
+ACLIMDB_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_reviews(path: str) -> datasets.Dataset:
+    """All labelled reviews of a source as one Dataset(text, label): source train rows, then source test rows.
+
+    `path` is a hub dataset id (stanfordnlp/imdb), or a local folder holding the hub's parquet layout, an `aclImdb`
+    folder from the official tarball, or csv/jsonl/parquet files with `text` and `label` columns.
+    """
+    folder = Path(path).expanduser()
+    looks_local = folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not folder.is_dir():
+        raise UserError(f"data.path={path}: no such folder; point it at a folder of IMDB files or a hub dataset id")
+    if looks_local and (folder / "aclImdb").is_dir():
+        folder = folder / "aclImdb"
+    if looks_local and (folder / "train" / "pos").is_dir():
+        parts = [_read_aclimdb_split(folder / split) for split in SOURCE_SPLITS if (folder / split).is_dir()]
+        return _check_reviews(datasets.concatenate_datasets(parts), path)
+
+    try:
+        loaded = datasets.load_dataset(str(folder) if looks_local else path)
+    except Exception as err:  # datasets raises many error types for a missing hub or folder content
+        if looks_local:
+            raise UserError(f"data.path={path}: cannot read data files there ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}); expected parquet/csv/jsonl files with text and label") from None
+        raise UserError(f"data.path={path}: cannot load it from the HF hub and no cached copy exists "
+                        f"({type(err).__name__}); check the id and your connection, or set data.path to a local "
+                        "folder, e.g. data.path=../shared/data/imdb") from None
+    names = [s for s in SOURCE_SPLITS if s in loaded] or [s for s in loaded if s != "unsupervised"]
+    if not names:
+        raise UserError(f"data.path={path}: no labelled split found (splits: {', '.join(loaded)})")
+    parts = []
+    for name in names:
+        part = loaded[name]
+        missing = {"text", "label"} - set(part.column_names)
+        if missing:
+            raise UserError(f"data.path={path}: split '{name}' lacks column(s) {', '.join(sorted(missing))}; "
+                            f"found {', '.join(part.column_names)}")
+        parts.append(part.select_columns(["text", "label"]).cast_column("label", datasets.Value("int64")))
+    return _check_reviews(datasets.concatenate_datasets(parts), path)
+
+
+def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
+    """Negatives then positives, each by file id: the order of the hub's parquet files."""
+    texts, labels = [], []
+    for label, sentiment in enumerate(("neg", "pos")):
+        files = [(int(m.group(1)), f) for f in (split_dir / sentiment).iterdir() if (m := ACLIMDB_FILE.match(f.name))]
+        for _, file in sorted(files):
+            texts.append(file.read_text(encoding="utf-8"))
+            labels.append(label)
+    return datasets.Dataset.from_dict({"text": texts, "label": labels},
+                                      features=datasets.Features(text=datasets.Value("string"),
+                                                                 label=datasets.Value("int64")))
+
+
+def _check_reviews(reviews: datasets.Dataset, path: str) -> datasets.Dataset:
+    if len(reviews) == 0:
+        raise UserError(f"data.path={path}: no reviews found")
+    labels = np.asarray(reviews["label"])
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if bad.size:
+        raise UserError(f"data.path={path}: label {labels[bad[0]]} at row {bad[0]}; labels must be 0 (negative) "
+                        "or 1 (positive)")
+    empty = [i for i, t in enumerate(reviews["text"]) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise UserError(f"data.path={path}: {len(empty)} empty or missing text(s), first at row {empty[0]}; "
+                        "remove them from the data")
+    return reviews
+
+
+# ----------------------------------------------------------------------------------------------- splitting
+
+def split_indices(texts: list[str], labels: np.ndarray, weights, seed: int) -> dict:
+    """One seeded, stratified train/validation/test split of the unique texts.
+
+    Returns {"train", "validation", "test": sorted row indices, "duplicates_dropped": N}. Only the first occurrence
+    of each text is kept, so no review can land in two splits.
+    """
+    first_seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        first_seen.setdefault(text, i)
+    unique = np.fromiter(first_seen.values(), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    fractions = np.asarray(weights, dtype=float) / sum(weights)
+    parts: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for label in (0, 1):
+        rows = rng.permutation(unique[labels[unique] == label])
+        n_val, n_test = (int(round(len(rows) * f)) for f in fractions[1:])
+        parts["validation"].append(rows[:n_val])
+        parts["test"].append(rows[n_val:n_val + n_test])
+        parts["train"].append(rows[n_val + n_test:])
+    result = {name: np.sort(np.concatenate(chunks)).tolist() for name, chunks in parts.items()}
+    result["duplicates_dropped"] = len(texts) - len(unique)
+    return result
+
+
+def stratified_subset(indices: list[int], labels: np.ndarray, size: Optional[int], seed: int) -> list[int]:
+    """`size` rows of `indices` with the same class balance (largest remainder), chosen by the seed."""
+    if size is None or size >= len(indices):
+        return list(indices)
+    indices = np.asarray(indices)
+    rng = np.random.default_rng(seed)
+    by_class = [indices[labels[indices] == label] for label in (0, 1)]
+    quotas = np.array([size * len(rows) / len(indices) for rows in by_class])
+    counts = np.floor(quotas).astype(int)
+    counts[np.argmax(quotas - counts)] += size - counts.sum()
+    chosen = [rng.choice(rows, count, replace=False) for rows, count in zip(by_class, counts)]
+    return np.sort(np.concatenate(chosen)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------- tokenising
+
+@dataclass
+class Splits:
+    train: datasets.Dataset  # tokenised: input_ids, attention_mask, [token_type_ids], label, length
+    validation: datasets.Dataset
+    test: datasets.Dataset
+    record: dict  # written to split.json
+
+
+def prepare_data(cfg: DictConfig, seed: int, tokenizer: PreTrainedTokenizerBase, takes_token_type_ids: bool) -> Splits:
+    reviews = load_reviews(cfg.data.path)
+    labels = np.asarray(reviews["label"])
+    record = split_indices(reviews["text"], labels, cfg.data.split, seed)
+    record["full_sizes"] = {name: len(record[name]) for name in ("train", "validation", "test")}
+    limits = {"train": cfg.data.max_train_samples, "validation": cfg.data.max_val_samples,
+              "test": cfg.data.max_test_samples}
+    for name, limit in limits.items():
+        record[name] = stratified_subset(record[name], labels, limit, seed)
+    record.update(source=cfg.data.path, seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews))
+
+    columns = ["input_ids", "attention_mask"] + (["token_type_ids"] if takes_token_type_ids else [])
+    tokenized = {name: tokenize(reviews.select(record[name]), tokenizer, cfg.data.max_length, columns)
+                 for name in ("train", "validation", "test")}
+    return Splits(**tokenized, record=record)
+
+
+def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+             columns: list[str]) -> datasets.Dataset:
+    """Batched fast tokenisation through `datasets.map`, cached on disk by content, tokenizer and max_length,
+    so the second start of the same config does not tokenise again."""
+    key = hashlib.sha256()
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)  # call state, changed by tokenising itself
+    key.update(json.dumps(spec, sort_keys=True).encode())
+    key.update(f"{max_length}|{columns}".encode())
+    for text, label in zip(reviews["text"], reviews["label"]):
+        key.update(f"{label}\0{text}\0".encode())
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "imdb_tokenized"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def encode(batch):
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        out = {name: encoded[name] for name in columns}
+        out["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return out
+
+    return reviews.map(encode, batched=True, remove_columns=["text"], desc="Tokenising",
+                       cache_file_name=str(cache_dir / f"{key.hexdigest()[:32]}.arrow"), load_from_cache_file=True)
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+class WindowBatchSampler:
+    """Micro-batches for one process, grouped into optimizer-step windows.
+
+    An epoch's order depends only on the seed, the epoch and the effective batch (micro-batch x accumulation x
+    processes): the samples are shuffled, optionally grouped by length, and cut into windows of one effective batch.
+    Each window is then cut into exactly `accum_steps x num_processes` micro-batches, dealt round-robin to processes,
+    so `batch_size=12` and `batch_size=4, grad_accum_steps=3` put the same samples in the same optimizer steps.
+
+    Every sample carries `loss_weight = 1 / (samples in its window)`: the weighted loss sums to the window's mean, so
+    a step over k micro-batches equals a step over one batch, also for the smaller last window of an epoch. A last
+    window with fewer samples than micro-batches is filled with copies of weight 0, which add nothing to the gradient.
+    """
+
+    GROUP_WINDOWS = 50  # windows per length-sorted chunk: enough to group lengths, few enough to stay random
+
+    def __init__(self, lengths, micro_batch: int, accum_steps: int, seed: int, num_processes: int = 1,
+                 process_index: int = 0, group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.micro_batch, self.accum_steps, self.seed = micro_batch, accum_steps, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.group_by_length = group_by_length
+        self.effective_batch = micro_batch * accum_steps * num_processes
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def windows(self) -> list[np.ndarray]:
+        """The epoch's optimizer steps, as arrays of dataset indices (global, across processes)."""
+        size = self.effective_batch
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        if self.group_by_length:
+            chunk = size * self.GROUP_WINDOWS
+            order = np.concatenate([
+                part[np.argsort(-self.lengths[part], kind="stable")] for part in np.split(order, range(chunk, len(order), chunk))
+            ])
+        windows = [order[i:i + size] for i in range(0, len(order), size)]
+        if self.group_by_length:
+            full = [w for w in windows if len(w) == size]
+            perm = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(full))
+            windows = [full[i] for i in perm] + [w for w in windows if len(w) < size]
+        return windows
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.effective_batch) * self.accum_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        parts = self.accum_steps * self.num_processes
+        for window in self.windows():
+            weight = 1.0 / len(window)
+            if len(window) < parts:  # pad with weight-0 copies so every process gets its accum_steps micro-batches
+                rows = [(int(i), weight) for i in window] + [(int(window[0]), 0.0)] * (parts - len(window))
+                micro_batches = [[row] for row in rows]
+            else:
+                micro_batches = [[(int(i), weight) for i in chunk] for chunk in np.array_split(window, parts)]
+            yield from micro_batches[self.process_index::self.num_processes]
+
+
+class WeightedRows(torch.utils.data.Dataset):
+    """Reads the rows a WindowBatchSampler names, attaching each row's loss weight."""
+
+    def __init__(self, rows: datasets.Dataset):
+        self.rows = rows.remove_columns("length")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, keys: list[tuple[int, float]]) -> list[dict]:
+        columns = self.rows[[index for index, _ in keys]]
+        return [{**{name: values[i] for name, values in columns.items()}, "loss_weight": keys[i][1]}
+                for i in range(len(keys))]
+
+
+@dataclass
+class Loaders:
+    sampler: WindowBatchSampler  # call sampler.set_epoch(epoch) before each epoch
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+
+def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, accum_steps: int, num_processes: int = 1,
+                 process_index: int = 0, pin_memory: bool = False) -> Loaders:
+    sampler = WindowBatchSampler(splits.train["length"], cfg.train.batch_size, accum_steps, cfg.seed, num_processes,
+                                 process_index, cfg.data.group_by_length)
+    return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, pin_memory),
+                   make_eval_loader(splits.validation, tokenizer, cfg, pin_memory),
+                   make_eval_loader(splits.test, tokenizer, cfg, pin_memory))
+
+
+def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, tokenizer, cfg: DictConfig,
+                      pin_memory: bool = False) -> DataLoader:
+    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=_collator(tokenizer, cfg),
+                      num_workers=cfg.data.num_workers, pin_memory=pin_memory)
+
+
+def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig, pin_memory: bool = False) -> DataLoader:
+    """Longest reviews first, so each batch pads little and memory peaks at the start."""
+    by_length = rows.select(np.argsort(-np.asarray(rows["length"]), kind="stable")).remove_columns("length")
+    return DataLoader(by_length, batch_size=cfg.train.batch_size * 2, shuffle=False,
+                      collate_fn=_collator(tokenizer, cfg), num_workers=cfg.data.num_workers, pin_memory=pin_memory)
+
+
+def _collator(tokenizer, cfg: DictConfig) -> DataCollatorWithPadding:
+    """Pads each batch to its own longest review (dynamic padding)."""
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of, return_tensors="pt")

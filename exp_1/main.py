@@ -1,0 +1,97 @@
+"""Experiment 1: fine-tune an encoder (BERT, ModernBERT, any HF encoder) for IMDB sentiment, one step per batch.
+
+    python exp_1/main.py --config configs/modernbert.yaml [dotted.key=value ...]
+    python exp_1/main.py --config configs/quickstart.yaml data.path=../shared/data/imdb   # offline, on a laptop
+
+The workflow: device -> data -> optimizer/scheduler -> tracking -> per epoch train, validate, checkpoint -> test best.
+"""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig
+
+from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, load_config, parse_args, scaled_lr, to_plain_dict
+from exp_1.data import make_loaders, prepare_data
+from exp_1.model import load_model, load_weights, save_pretrained_parts
+from exp_1.train import (Checkpoints, Progress, Stepper, build_optimizer, build_scheduler, describe, evaluate,
+                         final_metrics)
+from exp_1.utils import RunDir, RunLogger, pick_device, pick_precision, run_cli, seed_everything
+
+DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
+
+
+def train_one_epoch(stepper: Stepper, batches, progress: Progress) -> None:
+    """One optimizer step per batch (each batch is its own window, so its loss is the batch mean)."""
+    for batch in batches:
+        loss = stepper.forward_backward(batch)
+        stepper.optimizer_step()
+        progress.step_done(loss)
+
+
+def run_experiment(cfg: DictConfig, overwrite: bool, train_one_epoch=train_one_epoch, accum_steps: int = 1) -> dict:
+    started = time.time()
+    run = RunDir.start(cfg, overwrite)
+    seed_everything(cfg.seed)
+
+    # device
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.precision, device)
+
+    # model and data
+    tokenizer, model = load_model(cfg.model)
+    model.to(device)
+    save_pretrained_parts(model, tokenizer, run.model_dir)
+    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
+    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, pin_memory=device.type == "cuda")
+
+    # optimizer and schedule, sized in optimizer steps
+    lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
+    optimizer = build_optimizer(model, cfg.train, lr, device)
+    scheduler = build_scheduler(optimizer, cfg.train, len(loaders.sampler) // accum_steps * cfg.train.epochs)
+    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm)
+    print(describe(cfg, device, precision, splits, loaders, accum_steps, 1, lr))
+
+    # tracking
+    logger = RunLogger(run, cfg)
+    logger.start()
+    logger.store_init_configuration(to_plain_dict(cfg))
+    progress = Progress(logger.log, scheduler, cfg.train.log_every)
+    checkpoints = Checkpoints(run, cfg.checkpoint.best_metric)
+
+    for epoch in range(1, cfg.train.epochs + 1):
+        loaders.sampler.set_epoch(epoch)
+        train_one_epoch(stepper, progress(loaders.train, epoch), progress)
+        val = evaluate(model, loaders.validation, device, precision)
+        best = checkpoints.save(model, epoch, val)
+        logger.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=progress.step)
+        print(f"epoch {epoch}: val loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} f1 {val['f1']:.4f}"
+              + (" (best)" if best else ""))
+
+    # test the best checkpoint
+    load_weights(model, checkpoints.best_path)
+    test = evaluate(model, loaders.test, device, precision)
+    metrics = final_metrics(cfg, test, checkpoints, progress, effective_batch_size=loaders.sampler.effective_batch,
+                            num_processes=1, lr=lr, device=device.type, precision=precision,
+                            wall_seconds=round(time.time() - started, 2))
+    run.write_json("metrics.json", metrics)
+    logger.log({f"test/{k}": v for k, v in test.items()}, step=progress.step)
+    logger.summary(metrics)
+    logger.finish()
+    print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on {test['n']} reviews "
+          f"(best epoch {checkpoints.best_epoch}); results in {run.path}")
+    return metrics
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv, __doc__.splitlines()[0], DEFAULT_CONFIG)
+    cfg = load_config(args.config, args.overrides)
+    if grad_accum_steps(cfg.train) != 1:
+        raise UserError("exp_1 takes one optimizer step per batch; run exp_2/main.py for gradient accumulation")
+    return run_experiment(cfg, args.overwrite)
+
+
+if __name__ == "__main__":
+    run_cli(main)

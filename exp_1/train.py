@@ -1,0 +1,183 @@
+"""Training pieces every entry script shares: optimizer, schedule, the backward/step mechanics, evaluation,
+progress and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from exp_1.model import model_inputs, save_weights, weighted_loss
+from exp_1.utils import RunDir, autocast, to_device
+
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """No weight decay on biases and norm weights (the usual BERT recipe); fused kernels where torch has them."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[train.optimizer]
+    fused = device.type in ("cuda", "cpu")
+    return optimizer_class(groups, lr=lr, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_steps: int):
+    """Counts optimizer steps, not micro-batches: warmup and decay fit every accumulation setting."""
+    warmup = math.ceil(total_steps * train.warmup_ratio)
+    return get_scheduler(SCHEDULES[train.scheduler], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+@dataclass
+class Stepper:
+    """Backward for one micro-batch, optimizer step for one window: the plain-PyTorch mechanics."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    precision: str
+    max_grad_norm: float | None
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """Adds this micro-batch's share of its window's mean loss to the gradients; returns that share."""
+        batch = to_device(batch, self.device)
+        with autocast(self.device, self.precision):
+            logits = self.model(**model_inputs(batch))
+        loss = weighted_loss(logits, batch)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Progress:
+    """tqdm over micro-batches with loss and throughput; logs the train loss and lr every `log_every` steps."""
+
+    def __init__(self, log, scheduler, log_every: int, show: bool = True, reduce=lambda t: t):
+        """`reduce` sums a tensor over processes (Accelerate), so logs and rates cover the whole window."""
+        self.log, self.scheduler, self.log_every = log, scheduler, log_every
+        self.show, self.reduce = show, reduce
+        self.step = 0  # optimizer steps so far, across epochs
+        self.samples = self.tokens = 0
+        self.train_seconds = 0.0
+        self._losses: list[torch.Tensor] = []
+
+    def __call__(self, loader, epoch: int):
+        self._bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0,
+                         disable=not self.show)
+        self._epoch_start = time.perf_counter()
+        for batch in self._bar:
+            real = batch["loss_weight"] > 0
+            self.samples += int(real.sum())
+            self.tokens += int(batch["attention_mask"][real].sum())
+            yield batch
+        self.train_seconds += time.perf_counter() - self._epoch_start
+
+    def step_done(self, window_loss: torch.Tensor) -> None:
+        """Call after each optimizer step with the window's mean loss."""
+        self.step += 1
+        self._losses.append(window_loss)
+        if self.step % self.log_every == 0:
+            loss = self.reduce(torch.stack(self._losses).mean()).item()
+            self._losses.clear()
+            seconds = self.train_seconds + time.perf_counter() - self._epoch_start
+            self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.samples / seconds:.1f}",
+                                  tokens_s=f"{self.tokens / seconds:.0f}", refresh=False)
+            self.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=self.step)
+
+    def throughput(self) -> dict:
+        seconds = max(self.train_seconds, 1e-9)
+        samples, tokens = self.reduce(torch.tensor([self.samples, self.tokens], dtype=torch.float64)).tolist()
+        return {"train_seconds": round(self.train_seconds, 2), "train_samples_per_s": round(samples / seconds, 3),
+                "train_tokens_per_s": round(tokens / seconds, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32", gather=None) -> dict:
+    """Loss, accuracy and F1 (positive class) over a loader. `gather` (Accelerate's gather_for_metrics) collects the
+    shards of several processes, counting every sample once."""
+    was_training = model.training
+    model.eval()
+    losses, predictions, labels = [], [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = model(**model_inputs(batch))
+        result = (F.cross_entropy(logits.float(), batch["labels"], reduction="none"), logits.argmax(-1), batch["labels"])
+        if gather is not None:
+            result = gather(result)
+        for store, values in zip((losses, predictions, labels), result):
+            store.append(values.cpu())
+    model.train(was_training)
+    return classification_metrics(torch.cat(losses), torch.cat(predictions), torch.cat(labels))
+
+
+def classification_metrics(losses: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor) -> dict:
+    true_pos = int(((predictions == 1) & (labels == 1)).sum())
+    predicted_pos, actual_pos = int((predictions == 1).sum()), int((labels == 1).sum())
+    precision = true_pos / predicted_pos if predicted_pos else 0.0
+    recall = true_pos / actual_pos if actual_pos else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"loss": losses.mean().item(), "accuracy": (predictions == labels).float().mean().item(), "f1": f1,
+            "n": len(labels)}
+
+
+def describe(cfg: DictConfig, device, precision: str, splits, loaders, accum_steps: int, num_processes: int,
+             lr: float) -> str:
+    return (f"{cfg.model.name} on {device} ({precision}): {len(splits.train)} train / {len(splits.validation)} val / "
+            f"{len(splits.test)} test reviews; effective batch {loaders.sampler.effective_batch} = "
+            f"{cfg.train.batch_size} x {accum_steps} accumulation x {num_processes} process(es); lr {lr:.3g}; "
+            f"{len(loaders.sampler) // accum_steps} optimizer steps/epoch")
+
+
+def final_metrics(cfg: DictConfig, test: dict, checkpoints: "Checkpoints", progress: Progress, **facts) -> dict:
+    """metrics.json: test metrics of the best checkpoint, plus what a results table needs."""
+    return {**{f"test_{k}": v for k, v in test.items() if k != "n"}, "n_test": test["n"],
+            "best_epoch": checkpoints.best_epoch, f"best_val_{cfg.checkpoint.best_metric}": checkpoints.best_value,
+            "model": cfg.model.name, "epochs": cfg.train.epochs, "optimizer_steps": progress.step, **facts,
+            **progress.throughput()}
+
+
+class Checkpoints:
+    """checkpoints/last.safetensors every epoch and best.safetensors when validation improves: disk stays bounded."""
+
+    def __init__(self, run: RunDir, metric: str, write: bool = True):
+        """`write=False` (non-main processes) tracks the best epoch without touching the disk."""
+        self.run, self.metric, self.write = run, metric, write
+        self.best_value, self.best_epoch = None, None
+
+    def save(self, model: torch.nn.Module, epoch: int, val: dict) -> bool:
+        meta = {"epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
+        value = val[self.metric]
+        improved = self.best_value is None or (value < self.best_value if self.metric == "loss" else value > self.best_value)
+        if improved:
+            self.best_value, self.best_epoch = value, epoch
+        if self.write:
+            save_weights(model, self.run.checkpoints / "last.safetensors", meta)
+            if improved:
+                save_weights(model, self.best_path, meta)
+        return improved
+
+    @property
+    def best_path(self):
+        return self.run.checkpoints / "best.safetensors"

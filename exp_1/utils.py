@@ -1,0 +1,215 @@
+"""Run plumbing shared by every entry script: CLI errors, device and precision, seeding, the run directory, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import netrc
+import os
+import random
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+from accelerate.tracking import GeneralTracker
+from omegaconf import DictConfig
+
+from exp_1.config import UserError, to_plain_dict
+
+
+def run_cli(main: Callable[[list[str]], Any]) -> None:
+    """Call `main(sys.argv[1:])`; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise UserError(f"train.device={name} but no {name} device is available here; use train.device=auto")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """'fp32' | 'bf16' | 'fp16'. auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("train.precision=fp16 needs a GPU; on CPU use bf16 or fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class RunDir:
+    """output_dir/name: config.yaml, split.json, history.jsonl, metrics.json, model/ and checkpoints/."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.model_dir = self.path / "model"  # encoder config and tokenizer: what inference needs besides weights
+        self.checkpoints = self.path / "checkpoints"
+
+    @classmethod
+    def start(cls, cfg: DictConfig, overwrite: bool, write: bool = True) -> "RunDir":
+        """The run directory output_dir/name, refusing to replace results unless `overwrite`. Every process checks;
+        only the one with `write` (the main process) creates it and writes config.yaml."""
+        run = cls(Path(cfg.output_dir) / cfg.name)
+        if run.has_results() and not overwrite:
+            raise UserError(f"run directory {run.path} already holds results; pass --overwrite to replace them "
+                            "or choose another name=")
+        if write:
+            if run.path.exists():
+                shutil.rmtree(run.path)
+            run.checkpoints.mkdir(parents=True)
+            write_atomic(run.path / "config.yaml", yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
+        return run
+
+    def has_results(self) -> bool:
+        return (self.path / "history.jsonl").exists() or (self.path / "metrics.json").exists() or any(
+            self.checkpoints.glob("*.safetensors"))
+
+    def write_json(self, name: str, payload: Any, indent: int | None = 1) -> None:
+        write_atomic(self.path / name, json.dumps(payload, indent=indent) + "\n")
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader or a kill never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunLogger(GeneralTracker):
+    """history.jsonl plus WandB, as an Accelerate tracker (so `accelerator.log` drives it on the main process).
+
+    WandB is best effort: no account, no network or a failing service never stops or stalls training; the run then
+    lands offline in run_dir/wandb, for `wandb sync` later.
+    """
+
+    name = "run_logger"
+    requires_logging_directory = False
+
+    def __init__(self, run: RunDir, cfg: DictConfig):
+        super().__init__()
+        self.history_path = run.path / "history.jsonl"
+        self.run_dir, self.cfg = run.path, cfg
+        self.wandb_run = None
+
+    @property
+    def tracker(self):
+        return self.wandb_run
+
+    def start(self) -> None:
+        mode = resolve_wandb_mode(self.cfg.tracking.wandb_mode)
+        if mode == "disabled":
+            return
+        for attempt in (mode, "offline") if mode == "online" else (mode,):
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=self.cfg.tracking.wandb_project, entity=self.cfg.tracking.wandb_entity,
+                    name=self.cfg.name, dir=str(self.run_dir), mode=attempt,
+                    settings=wandb.Settings(init_timeout=30, silent=True),
+                )
+            except Exception as err:  # wandb raises many types; none of them may stop training
+                self._wandb_failed(err)
+                continue
+            print(f"WandB: {attempt} run in {self.run_dir / 'wandb'}"
+                  + (" (upload it later with `wandb sync`)" if attempt == "offline" else ""))
+            return
+
+    def store_init_configuration(self, values: dict) -> None:
+        if self.wandb_run is not None:
+            with self._guard():
+                self.wandb_run.config.update(values)
+
+    def log(self, values: dict, step: Optional[int] = None, **kwargs) -> None:
+        record = {"step": step, **values, "time": round(time.time(), 3)}
+        with self.history_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            with self._guard():
+                self.wandb_run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb_run is not None:
+            with self._guard():
+                self.wandb_run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            with self._guard():
+                self.wandb_run.finish()
+            self.wandb_run = None
+
+    @contextlib.contextmanager
+    def _guard(self):
+        try:
+            yield
+        except Exception as err:
+            self._wandb_failed(err)
+            self.wandb_run = None
+
+    @staticmethod
+    def _wandb_failed(err: Exception) -> None:
+        print(f"WandB unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+              "training continues, history.jsonl still records everything", file=sys.stderr)
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto: online when an API key is configured and the service answers within 2 s, else offline."""
+    if mode != "auto":
+        return mode
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urllib.parse.urlparse(base_url).hostname or ""
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        with contextlib.suppress(Exception):
+            has_key = netrc.netrc().authenticators(host) is not None
+    if not has_key:
+        return "offline"
+    try:
+        urllib.request.urlopen(base_url, timeout=2).close()
+    except urllib.error.HTTPError:
+        pass  # the service answered, even if with an error status
+    except Exception:
+        return "offline"
+    return "online"

@@ -1,0 +1,215 @@
+"""Experiment 2: exact gradient accumulation (plain PyTorch and Accelerate), sample order independent of how the
+effective batch is cut, 2 CPU processes equal to 1, and the scheduler counting optimizer steps."""
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from conftest import PROJECT, synthetic_reviews, tiny_config
+from exp_1 import main as exp1
+from exp_1.config import UserError, load_config
+from exp_1.data import WindowBatchSampler, make_train_loader, prepare_data
+from exp_1.model import load_model, model_inputs
+from exp_1.train import Stepper
+from exp_2 import main as exp2
+from exp_2.main_accelerate import backward_micro_batch
+
+CONTRACT = ["config.yaml", "split.json", "history.jsonl", "metrics.json", "checkpoints/best.safetensors",
+            "checkpoints/last.safetensors", "model/config.json", "model/tokenizer.json"]
+
+
+@pytest.fixture(scope="module")
+def odd_reviews_dir(tmp_path_factory):
+    """253 reviews: 207 train (8 windows of 24 and a last one of 15), 23 validation, 23 test."""
+    folder = tmp_path_factory.mktemp("odd_reviews")
+    with open(folder / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(synthetic_reviews(253, seed=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert, odd_reviews_dir):
+    tmp = tmp_path_factory.mktemp("grads")
+    cfg = load_config(tiny_config(tmp, tiny_bert, odd_reviews_dir))
+    torch.manual_seed(0)
+    tokenizer, model = load_model(cfg.model)
+    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    return cfg, tokenizer, model, splits
+
+
+def _window_batches(setup, micro, accum, window, num_processes=1, process_index=0):
+    cfg, tokenizer, _, splits = setup
+    sampler = WindowBatchSampler(splits.train["length"], micro, accum, seed=5, num_processes=num_processes,
+                                 process_index=process_index)
+    batches = list(make_train_loader(splits.train, sampler, tokenizer, cfg))
+    return batches[window * accum:(window + 1) * accum]
+
+
+def _real_rows(batches):
+    return [row[mask.bool()].tolist() for b in batches
+            for row, mask, w in zip(b["input_ids"], b["attention_mask"], b["loss_weight"]) if w > 0]
+
+
+def _plain_grads(model, batches):
+    model = copy.deepcopy(model)
+    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.0), None, torch.device("cpu"), "fp32", None)
+    for batch in batches:
+        stepper.forward_backward(batch)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _accelerate_grads(model, batches, accum):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    model = accelerator.prepare(copy.deepcopy(model))
+    for batch in batches:
+        with accelerator.accumulate(model):
+            backward_micro_batch(accelerator, model, batch)
+    assert accelerator.sync_gradients  # the window's last micro-batch is where the optimizer would step
+    grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return grads
+
+
+def _max_relative_difference(grads, reference):
+    """max over parameters of ||g - g_ref|| / ||g_ref||. Attention key biases get an exactly-zero gradient in theory
+    (softmax ignores a shift shared by all keys), so theirs is float noise: those must only stay near zero."""
+    total = torch.sqrt(sum(g.norm() ** 2 for g in reference.values()))
+    worst = 0.0
+    for name, g in reference.items():
+        if g.norm() < 1e-6 * total:
+            assert grads[name].norm() < 1e-6 * total, name
+        else:
+            worst = max(worst, ((grads[name] - g).norm() / g.norm()).item())
+    return worst
+
+
+@pytest.mark.parametrize("window, samples", [(0, 24), (8, 15)], ids=["full window", "partial last window"])
+@pytest.mark.parametrize("path", ["plain", "accelerate"])
+def test_accumulated_window_has_the_gradient_of_one_big_batch(setup, path, window, samples):
+    model = setup[2]
+    big = _window_batches(setup, 24, 1, window)
+    accumulated = _window_batches(setup, 8, 3, window)
+    assert sum(int((b["loss_weight"] > 0).sum()) for b in accumulated) == samples
+    assert sorted(map(tuple, _real_rows(big))) == sorted(map(tuple, _real_rows(accumulated)))  # the same samples
+    reference = _plain_grads(model, big)
+    grads = _plain_grads(model, accumulated) if path == "plain" else _accelerate_grads(model, accumulated, 3)
+    difference = _max_relative_difference(grads, reference)
+    print(f"{path}, window {window} ({samples} samples): max relative gradient difference {difference:.2e}")
+    assert difference < 1e-5
+
+
+def test_the_check_catches_the_mean_per_micro_batch_bug(setup):
+    """The original code cut the last window of 15 into micro-batches of 8 and 7 and divided each micro-batch mean
+    by k=3: that under-scales the window, and the comparison above detects it."""
+    model = setup[2]
+    (big,) = _window_batches(setup, 24, 1, 8)
+    reference = _plain_grads(model, [big])
+    naive = []
+    for part in (slice(0, 8), slice(8, None)):
+        micro = {k: v[part] for k, v in big.items()}
+        naive.append({**micro, "loss_weight": torch.full_like(micro["loss_weight"], 1 / len(micro["labels"]) / 3)})
+    assert _max_relative_difference(_plain_grads(model, naive), reference) > 0.1
+
+
+def _accelerate(args, num_processes=1, timeout=600):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if num_processes > 1 else os.environ
+    result = subprocess.run(launch + [str(PROJECT / "exp_2" / "main_accelerate.py"), *args], capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "checkpoints" / "last.safetensors")
+
+
+def _assert_same_run(a, b, weight_atol=1e-5):
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
+    assert ma["test_accuracy"] == mb["test_accuracy"]
+    assert ma["test_loss"] == pytest.approx(mb["test_loss"], rel=1e-4)
+    assert ma["optimizer_steps"] == mb["optimizer_steps"]
+    wa, wb = _weights(a), _weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < weight_atol
+
+
+def test_batch_12_and_4x3_end_the_same_in_exp1_exp2_and_accelerate(tmp_path, tiny_bert, odd_reviews_dir):
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir)
+    runs = tmp_path / "runs"
+    exp1.main(["--config", str(config), "name=exp1_b12", "train.batch_size=12"])
+    exp2.main(["--config", str(config), "name=exp2_4x3", "train.batch_size=4", "train.grad_accum_steps=3"])
+    _accelerate(["--config", str(config), "name=acc_4x3", "train.batch_size=4", "train.effective_batch_size=12"])
+    for name in ("exp1_b12", "exp2_4x3", "acc_4x3"):
+        for file in CONTRACT:
+            assert (runs / name / file).is_file(), (name, file)
+    _assert_same_run(runs / "exp1_b12", runs / "exp2_4x3")
+    _assert_same_run(runs / "exp2_4x3", runs / "acc_4x3")
+    assert json.loads((runs / "acc_4x3" / "metrics.json").read_text())["effective_batch_size"] == 12
+
+
+def test_two_cpu_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_bert, odd_reviews_dir):
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir)
+    runs = tmp_path / "runs"
+    _accelerate(["--config", str(config), "name=one", "train.batch_size=8", "train.grad_accum_steps=3"])
+    started = time.perf_counter()
+    result = _accelerate(["--config", str(config), "name=two", "train.batch_size=4", "train.grad_accum_steps=3"],
+                         num_processes=2)
+    print(f"2-process run: {time.perf_counter() - started:.1f} s wall")
+    assert "MULTI_CPU" in result.stdout and "x 2 process(es)" in result.stdout
+    metrics = json.loads((runs / "two" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 24
+    _assert_same_run(runs / "one", runs / "two")
+    # evaluation counts every sample once although 23 does not split evenly over 2 processes of batch 8
+    split = json.loads((runs / "two" / "split.json").read_text())
+    history = [json.loads(line) for line in (runs / "two" / "history.jsonl").read_text().splitlines()]
+    assert len(split["validation"]) % 2 == 1
+    assert {h["val/n"] for h in history if "val/n" in h} == {len(split["validation"])}
+    assert metrics["n_test"] == len(split["test"])
+
+
+@pytest.mark.parametrize("micro, accum", [(24, 1), (8, 3), (2, 12)])
+def test_scheduler_counts_optimizer_steps(tmp_path, tiny_bert, odd_reviews_dir, micro, accum):
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir, train={"epochs": 1, "warmup_ratio": 0.25})
+    metrics = exp2.main(["--config", str(config), f"train.batch_size={micro}", f"train.grad_accum_steps={accum}"])
+    history = [json.loads(line) for line in (tmp_path / "runs/tiny/history.jsonl").read_text().splitlines()]
+    lrs = [h["train/lr"] for h in history if "train/lr" in h]
+    steps = math.ceil(207 / 24)
+    assert metrics["optimizer_steps"] == len(lrs) == steps
+    warmup = math.ceil(steps * 0.25)
+    assert lrs.index(max(lrs)) == warmup - 1 and lrs[-1] == 0.0
+
+
+def test_effective_batch_size_is_converted_or_rejected(tmp_path, tiny_bert, odd_reviews_dir, capsys):
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir, train={"epochs": 1})
+    metrics = exp2.main(["--config", str(config), "train.batch_size=8", "train.effective_batch_size=24"])
+    assert metrics["effective_batch_size"] == 24
+    assert "effective batch 24 = 8 x 3 accumulation x 1 process" in capsys.readouterr().out
+    with pytest.raises(UserError, match="effective_batch_size=20 is not a multiple of train.batch_size=8"):
+        exp2.main(["--config", str(config), "train.batch_size=8", "train.effective_batch_size=20", "--overwrite"])
+
+
+@pytest.mark.parametrize("scaling, factor", [("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)])
+def test_lr_scaling_relative_to_the_reference_batch(tmp_path, tiny_bert, odd_reviews_dir, scaling, factor):
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir, train={"epochs": 1, "lr": 1e-3})
+    metrics = exp2.main(["--config", str(config), "train.batch_size=8", "train.grad_accum_steps=4",
+                         "train.lr_reference_batch=8", f"train.lr_scaling={scaling}"])
+    assert metrics["lr"] == pytest.approx(1e-3 * factor)

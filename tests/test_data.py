@@ -1,0 +1,186 @@
+"""The split is leak-free, balanced and reproducible; loaders read every supported layout; batching keeps windows."""
+
+import numpy as np
+import pytest
+
+from conftest import ACLIMDB_SAMPLE, IMDB, needs_imdb
+from exp_1.config import UserError
+from exp_1.data import WindowBatchSampler, load_reviews, split_indices, stratified_subset
+
+
+@pytest.fixture(scope="module")
+def imdb():
+    reviews = load_reviews(str(IMDB))
+    return reviews["text"], np.asarray(reviews["label"])
+
+
+@needs_imdb
+def test_real_split_has_no_shared_text_and_drops_the_418_duplicates(imdb):
+    texts, labels = imdb
+    split = split_indices(texts, labels, [9, 1, 1], seed=42)
+    assert len(texts) == 50_000 and split["duplicates_dropped"] == 418
+    as_text = {name: {texts[i] for i in split[name]} for name in ("train", "validation", "test")}
+    assert not as_text["train"] & as_text["test"]
+    assert not as_text["train"] & as_text["validation"]
+    assert not as_text["validation"] & as_text["test"]
+    assert sum(len(split[n]) for n in ("train", "validation", "test")) == 50_000 - 418
+
+
+@needs_imdb
+def test_real_split_is_balanced_9_1_1_and_seeded(imdb):
+    texts, labels = imdb
+    split = split_indices(texts, labels, [9, 1, 1], seed=42)
+    sizes = np.array([len(split[n]) for n in ("train", "validation", "test")])
+    assert np.allclose(sizes / sizes.sum(), [9 / 11, 1 / 11, 1 / 11], atol=0.001)
+    for name in ("train", "validation", "test"):
+        assert abs(labels[split[name]].mean() - 0.5) < 0.01
+    assert split_indices(texts, labels, [9, 1, 1], seed=42) == split
+    other = split_indices(texts, labels, [9, 1, 1], seed=43)
+    assert other["test"] != split["test"]
+
+
+@pytest.mark.skipif(not ACLIMDB_SAMPLE.is_dir(), reason=f"aclImdb sample not found at {ACLIMDB_SAMPLE}")
+def test_aclimdb_folder_loader_reads_labels_from_folders():
+    reviews = load_reviews(str(ACLIMDB_SAMPLE.parent))  # the folder that holds aclImdb/, as after `tar xf`
+    assert len(reviews) == 400
+    expected = []
+    for split in ("train", "test"):
+        for label, sentiment in enumerate(("neg", "pos")):
+            files = sorted((ACLIMDB_SAMPLE / split / sentiment).glob("*.txt"), key=lambda f: int(f.name.split("_")[0]))
+            expected += [(f.read_text(encoding="utf-8"), label) for f in files]
+            ratings = [int(f.stem.split("_")[1]) for f in files]
+            assert all(r >= 7 for r in ratings) if label else all(r <= 4 for r in ratings)
+    assert list(zip(reviews["text"], reviews["label"])) == expected
+
+
+def test_csv_folder_loads_train_then_test(reviews_dir):
+    reviews = load_reviews(str(reviews_dir))
+    assert len(reviews) == 220 and reviews[0]["text"].startswith("review 0:") and reviews[120]["text"].startswith("review 120:")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text,label\nfine film,1\nbad film,2\n", "label 2 at row 1"),
+    ("review,label\nfine film,1\n", r"lacks column\(s\) text"),
+    ("text,label\n ,1\nbad film,0\n", "empty or missing text"),
+])
+def test_malformed_data_is_rejected_with_the_reason(tmp_path, content, message):
+    (tmp_path / "train.csv").write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_reviews(str(tmp_path))
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        load_reviews(str(tmp_path / "nope"))
+
+
+def test_stratified_subset_keeps_balance_and_size():
+    labels = np.array([0] * 700 + [1] * 300)
+    subset = stratified_subset(list(range(1000)), labels, 101, seed=1)
+    assert len(subset) == 101 and len(set(subset)) == 101
+    assert abs(labels[subset].mean() - 0.3) < 0.01
+    assert stratified_subset(list(range(1000)), labels, 101, seed=1) == subset
+
+
+def _windows(sampler):
+    """Per optimizer step: the (index, weight) rows of all micro-batches of all processes."""
+    sampler_list = sampler if isinstance(sampler, list) else [sampler]
+    per_process = [list(s) for s in sampler_list]
+    accum = sampler_list[0].accum_steps
+    steps = len(per_process[0]) // accum
+    return [sorted(row for batches in per_process for batch in batches[s * accum:(s + 1) * accum] for row in batch)
+            for s in range(steps)]
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_same_samples_in_the_same_steps_however_the_window_is_cut(group_by_length):
+    lengths = np.random.default_rng(0).integers(5, 500, size=103)
+    kwargs = dict(seed=3, group_by_length=group_by_length)
+    one_batch = WindowBatchSampler(lengths, 12, 1, **kwargs)
+    accumulated = WindowBatchSampler(lengths, 4, 3, **kwargs)
+    two_processes = [WindowBatchSampler(lengths, 2, 3, num_processes=2, process_index=p, **kwargs) for p in (0, 1)]
+    for epoch in (1, 2):
+        for s in [one_batch, accumulated, *two_processes]:
+            s.set_epoch(epoch)
+        reference = _windows(one_batch)
+        assert _windows(accumulated) == reference
+        assert _windows(two_processes) == reference
+    assert len(reference) == 9  # 8 full windows of 12 and a last one of 7
+
+
+def test_every_sample_once_per_epoch_and_window_weights_sum_to_one():
+    lengths = np.arange(1, 31)
+    for sampler in [WindowBatchSampler(lengths, 4, 3, seed=0), WindowBatchSampler(lengths, 4, 5, seed=0),
+                    *[WindowBatchSampler(lengths, 1, 3, seed=0, num_processes=2, process_index=p) for p in (0, 1)]]:
+        assert len(list(sampler)) == len(sampler)
+    windows = _windows([WindowBatchSampler(lengths, 1, 3, seed=0, num_processes=2, process_index=p) for p in (0, 1)])
+    # 30 samples in windows of 6: five full windows
+    seen = [i for w in windows for i, weight in w if weight > 0]
+    assert sorted(seen) == list(range(30))
+    for w in windows:
+        assert sum(weight for _, weight in w) == pytest.approx(1.0)
+    # 30 samples in windows of 4 x 5 = 20: the last window (10 samples) still has 5 micro-batches
+    last = list(WindowBatchSampler(lengths, 4, 5, seed=0))[5:]
+    assert len(last) == 5 and sum(len(b) for b in last) == 10
+
+
+def test_a_last_window_smaller_than_its_micro_batch_count_is_padded_with_zero_weight():
+    lengths = np.arange(1, 8)  # 7 samples, windows of 2 x 3 = 6: the last window has one sample for 3 micro-batches
+    batches = list(WindowBatchSampler(lengths, 2, 3, seed=0, group_by_length=False))
+    last = batches[3:]
+    assert [len(b) for b in last] == [1, 1, 1]
+    assert [w for b in last for _, w in b] == [1.0, 0.0, 0.0]
+
+
+def test_length_grouping_cuts_padding():
+    lengths = np.random.default_rng(0).integers(20, 512, size=2000)
+
+    def padding_efficiency(sampler):
+        batches = [[i for i, _ in b] for b in sampler]
+        return sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
+
+    grouped = padding_efficiency(WindowBatchSampler(lengths, 16, 1, seed=0, group_by_length=True))
+    random_order = padding_efficiency(WindowBatchSampler(lengths, 16, 1, seed=0, group_by_length=False))
+    assert grouped > 0.97 and random_order < 0.7
+
+
+def _prepare(tmp_path, model_dir, data_dir):
+    from conftest import tiny_config
+    from exp_1.config import load_config
+    from exp_1.model import load_model
+
+    cfg = load_config(tiny_config(tmp_path, model_dir, data_dir))
+    tokenizer, model = load_model(cfg.model)
+    return cfg, tokenizer, model
+
+
+def test_second_start_reads_the_tokenisation_cache(tmp_path, reviews_dir, tiny_bert):
+    from unittest import mock
+
+    from exp_1.data import prepare_data
+
+    cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
+    first = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    with mock.patch.object(type(tokenizer), "__call__", side_effect=AssertionError("tokenised again")):
+        second = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    assert second.train["input_ids"] == first.train["input_ids"]
+
+
+def test_token_type_ids_are_kept_only_for_encoders_that_take_them(tmp_path, reviews_dir, tiny_bert, tiny_modernbert):
+    from exp_1.data import prepare_data
+
+    for model_dir, expected in ((tiny_bert, True), (tiny_modernbert, False)):
+        cfg, tokenizer, model = _prepare(tmp_path, model_dir, reviews_dir)
+        splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+        assert ("token_type_ids" in splits.train.column_names) is expected
+
+
+def test_batches_are_padded_to_their_own_longest_review(tmp_path, reviews_dir, tiny_bert):
+    from exp_1.data import make_eval_loader, make_train_loader, prepare_data
+
+    cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
+    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    sampler = WindowBatchSampler(splits.train["length"], 8, 1, seed=0)
+    for loader in (make_train_loader(splits.train, sampler, tokenizer, cfg), make_eval_loader(splits.test, tokenizer, cfg)):
+        for batch in loader:
+            assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() < cfg.data.max_length

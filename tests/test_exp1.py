@@ -1,0 +1,141 @@
+"""Experiment 1 end to end on tiny models: the run-directory contract, the best checkpoint reloads and is what
+was tested, and clear one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import IMDB, PROJECT, needs_imdb, tiny_config
+from exp_1 import main as exp1
+from exp_1.config import UserError
+from exp_1.data import WindowBatchSampler, make_eval_loader, make_train_loader, prepare_data, tokenize
+from exp_1.model import load_model, load_run, model_inputs, weighted_loss
+from exp_1.train import Stepper, build_optimizer, evaluate
+
+CONTRACT = ["config.yaml", "split.json", "history.jsonl", "metrics.json", "checkpoints/best.safetensors",
+            "checkpoints/last.safetensors", "model/config.json", "model/tokenizer.json"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
+def test_end_to_end_run_writes_the_contract_and_tests_the_best_checkpoint(fixture, request, tmp_path, reviews_dir):
+    config = tiny_config(tmp_path, request.getfixturevalue(fixture), reviews_dir, train={"epochs": 3})
+    metrics = exp1.main(["--config", str(config)])
+    run = tmp_path / "runs" / "tiny"
+    for name in CONTRACT:
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
+
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    for key in ("test_accuracy", "test_loss", "test_f1", "best_epoch", "n_test"):
+        assert key in metrics
+    split = json.loads((run / "split.json").read_text())
+    assert metrics["n_test"] == len(split["test"]) == 20  # 220 reviews split 9:1:1
+    assert split["duplicates_dropped"] == 0 and len(split["train"]) == 180
+
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = [h for h in history if "train/loss" in h]
+    epochs = [h for h in history if "epoch" in h]
+    assert len(steps) == metrics["optimizer_steps"] == 3 * 23  # ceil(180 / 8) steps per epoch
+    assert [h["epoch"] for h in epochs] == [1, 2, 3]
+    best = max(epochs, key=lambda h: (h["val/accuracy"], -h["epoch"]))
+    assert metrics["best_epoch"] == best["epoch"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["name"] == request.getfixturevalue(fixture)
+
+    # the run folder alone rebuilds the model, and its best checkpoint gives the reported test metrics
+    tokenizer, model = load_run(run)
+    from exp_1.data import load_reviews
+
+    reviews = load_reviews(str(reviews_dir)).select(split["test"])
+    columns = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.takes_token_type_ids else [])
+    cfg = exp1.load_config(config)
+    test = evaluate(model, make_eval_loader(tokenize(reviews, tokenizer, 64, columns), tokenizer, cfg), torch.device("cpu"))
+    assert test["accuracy"] == metrics["test_accuracy"]
+    assert test["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+
+@needs_imdb
+def test_minilm_lowers_the_loss_on_real_reviews(tmp_path):
+    """A few optimizer steps of the real pretrained MiniLM on 16 real reviews lower the loss on them."""
+    cfg = exp1.load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
+                                       data={"max_length": 128, "max_train_samples": 16}, train={"batch_size": 16}))
+    tokenizer, model = load_model(cfg.model)
+    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    sampler = WindowBatchSampler(splits.train["length"], 16, 1, seed=0)
+    batch = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg)))
+    optimizer = build_optimizer(model, cfg.train, 5e-5, torch.device("cpu"))
+    stepper = Stepper(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                      torch.device("cpu"), "fp32", 1.0)
+
+    def loss_now():
+        with torch.no_grad():
+            return weighted_loss(model(**model_inputs(batch)), batch).item()
+
+    before = loss_now()
+    for _ in range(4):
+        stepper.forward_backward(batch)
+        stepper.optimizer_step()
+    assert loss_now() < before - 0.05
+
+
+def _run_cli(*args, cwd=PROJECT):
+    return subprocess.run([sys.executable, str(PROJECT / "exp_1" / "main.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1e-4", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    ("trian.lr=1e-4", "unknown config key 'trian'; did you mean 'train'?"),
+    ("train.batch_size=big", "train.batch_size: Value 'big'"),
+    ("train.epochs=0", "train.epochs=0 must be a positive integer"),
+    ("model.pooling=max", "model.pooling='max' is not one of mean, cls"),
+    ("data.split=[1,0,1]", "data.split="),
+    ("train.grad_accum_steps=2", "exp_1 takes one optimizer step per batch"),
+])
+def test_config_mistakes_are_one_line_errors(tmp_path, reviews_dir, override, message):
+    config = tiny_config(tmp_path, "unused", reviews_dir)
+    with pytest.raises(UserError) as err:
+        exp1.main(["--config", str(config), override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_errors_exit_2_with_one_line_and_no_traceback(tmp_path, reviews_dir, tiny_bert):
+    bad_labels = tmp_path / "bad"
+    bad_labels.mkdir()
+    (bad_labels / "train.csv").write_text("text,label\ngood,1\nbad,3\n")
+    no_columns = tmp_path / "nocols"
+    no_columns.mkdir()
+    (no_columns / "train.csv").write_text("review,stars\ngood,5\n")
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir)
+    cases = [
+        (["--config", tmp_path / "missing.yaml"], "missing.yaml not found"),
+        (["--config", config, "train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["--config", config, f"data.path={bad_labels}"], "label 3 at row 1"),
+        (["--config", config, f"data.path={no_columns}"], "lacks column(s) label, text"),
+        (["--config", config, "model.name=no-such-org/no-such-model"], "model.name=no-such-org/no-such-model"),
+        (["--config", config, "data.path=no-such-org/no-such-dataset"], "data.path=no-such-org/no-such-dataset"),
+    ]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for args, message in cases:
+        result = _run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "runs" / "tiny" / "metrics.json").exists()
+    # nothing that existed before was changed or removed
+    assert set(before) <= set(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+
+def test_existing_results_are_not_overwritten_without_the_flag(tmp_path, reviews_dir, tiny_bert):
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1})
+    exp1.main(["--config", str(config)])
+    metrics = (tmp_path / "runs/tiny/metrics.json").read_text()
+    with pytest.raises(UserError, match="already holds results; pass --overwrite"):
+        exp1.main(["--config", str(config)])
+    assert (tmp_path / "runs/tiny/metrics.json").read_text() == metrics
+    exp1.main(["--config", str(config), "--overwrite"])

@@ -1,0 +1,70 @@
+"""Model behaviour: pooling ignores padding, token_type_ids only where the encoder takes them, dropout overrides,
+packaged weights without the hub."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from exp_1.config import ModelConfig, UserError
+from exp_1.model import load_model, resolve_model_path
+
+
+def _load(name, **overrides):
+    return load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": name, **overrides}))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
+def test_masked_mean_pooling_is_unchanged_by_extra_padding(fixture, request):
+    tokenizer, model = _load(request.getfixturevalue(fixture), pooling="mean", dropout=0.0)
+    model.eval()
+    texts = ["a truly wonderful film", "dull"]
+    short = tokenizer(texts, padding=True, return_tensors="pt")
+    long = tokenizer(texts, padding="max_length", max_length=40, return_tensors="pt")
+    assert long["input_ids"].shape[1] > short["input_ids"].shape[1]
+    with torch.no_grad():
+        a = model(short["input_ids"], short["attention_mask"])
+        b = model(long["input_ids"], long["attention_mask"])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_token_type_ids_reach_bert_only(tiny_bert, tiny_modernbert):
+    _, bert = _load(tiny_bert)
+    _, modernbert = _load(tiny_modernbert)
+    assert bert.takes_token_type_ids and not modernbert.takes_token_type_ids
+    # BERT really uses them: a different segment id changes its output
+    bert.eval()
+    ids = torch.tensor([[101, 2307, 3185, 102]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert not torch.allclose(bert(ids, mask, torch.zeros_like(ids)), bert(ids, mask, torch.ones_like(ids)))
+
+
+def test_encoder_dropout_overrides_every_dropout_probability(tiny_bert, tiny_modernbert):
+    _, bert = _load(tiny_bert, encoder_dropout=0.0)
+    assert bert.encoder.config.hidden_dropout_prob == 0.0 and bert.encoder.config.attention_probs_dropout_prob == 0.0
+    _, modernbert = _load(tiny_modernbert, encoder_dropout=0.2)
+    config = modernbert.encoder.config
+    assert config.embedding_dropout == config.attention_dropout == config.mlp_dropout == 0.2
+    _, kept = _load(tiny_bert)
+    assert kept.encoder.config.hidden_dropout_prob == 0.1
+
+
+def test_minilm_resolves_to_the_packaged_copy():
+    path = Path(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    assert (path / "config.json").is_file()
+    tokenizer, model = _load("sentence-transformers/all-MiniLM-L6-v2")
+    assert model.encoder.config.hidden_size == 384 and tokenizer.is_fast
+
+
+def test_unreachable_hub_model_is_a_user_error():
+    with pytest.raises(UserError, match="model.name=no-such-org/no-such-model: cannot load it"):
+        _load("no-such-org/no-such-model")
+
+
+def test_attention_dropout_overrides_only_attention(tiny_bert, tiny_modernbert):
+    _, bert = _load(tiny_bert, attention_dropout=0.0)
+    assert bert.encoder.config.attention_probs_dropout_prob == 0.0 and bert.encoder.config.hidden_dropout_prob == 0.1
+    _, modernbert = _load(tiny_modernbert, attention_dropout=0.3)
+    assert modernbert.encoder.config.attention_dropout == 0.3 and modernbert.encoder.config.mlp_dropout == 0.0
