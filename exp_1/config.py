@@ -25,6 +25,10 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line and exit code 2, never as a traceback."""
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. the loss is no longer finite): one line, exit code 1, checkpoints kept."""
+
+
 @dataclass
 class ModelConfig:
     name: str = "bert-base-uncased"  # hub id or local folder
@@ -33,6 +37,7 @@ class ModelConfig:
     encoder_dropout: Optional[float] = None  # null keeps the checkpoint's; 0 makes training deterministic
     attention_dropout: Optional[float] = None  # null keeps the checkpoint's; 0 keeps CPU attention on its fast path
     attn_implementation: Optional[str] = None  # null lets transformers choose (sdpa where available)
+    trust_remote_code: bool = False  # run model code from the hub: only for models you trust
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     best_metric: str = "accuracy"  # validation metric that picks the best epoch: accuracy | f1 | loss
+    every_steps: Optional[int] = None  # also save a resume point every N optimizer steps (epoch ends always do)
 
 
 @dataclass
@@ -104,21 +110,29 @@ CHOICES = {
 POSITIVE_INTS = ("data.max_length", "train.batch_size", "train.grad_accum_steps", "train.epochs",
                  "train.log_every", "train.lr_reference_batch")
 OPTIONAL_POSITIVE_INTS = ("data.max_train_samples", "data.max_val_samples", "data.max_test_samples",
-                          "data.pad_to_multiple_of", "train.effective_batch_size")
+                          "data.pad_to_multiple_of", "train.effective_batch_size", "checkpoint.every_steps")
 FRACTIONS = ("model.dropout", "model.encoder_dropout", "model.attention_dropout", "train.warmup_ratio")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, like every other input error
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv: Optional[List[str]], description: str, default_config: Optional[Path]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description,
         epilog="Overrides use OmegaConf dotlist style, e.g. train.lr=3e-5 data.path=../shared/data/imdb. "
         "Every key is listed, with its default, in exp_1/config.py.",
     )
     parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
                         help=f"YAML config file (default: {default_config})" if default_config else "YAML config file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true",
+                      help="continue the run output_dir/name from its latest resume point (same config)")
+    runs.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:

@@ -16,7 +16,8 @@ from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, load_config, p
 from exp_1.data import make_loaders, prepare_data
 from exp_1.model import load_model, load_weights, save_pretrained_parts
 from exp_1.train import (Checkpoints, Progress, Stepper, build_optimizer, build_scheduler, describe, evaluate,
-                         final_metrics)
+                         final_metrics, load_resume_point, load_training_state, restore_trainer_state,
+                         save_resume_point, save_training_state, trainer_state)
 from exp_1.utils import RunDir, RunLogger, pick_device, pick_precision, run_cli, seed_everything
 
 DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
@@ -30,21 +31,24 @@ def train_one_epoch(stepper: Stepper, batches, progress: Progress) -> None:
         progress.step_done(loss)
 
 
-def run_experiment(cfg: DictConfig, overwrite: bool, train_one_epoch=train_one_epoch, accum_steps: int = 1) -> dict:
+def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False, train_one_epoch=train_one_epoch,
+                   accum_steps: int = 1) -> dict:
     started = time.time()
-    run = RunDir.start(cfg, overwrite)
+    run = RunDir.check(cfg, overwrite, resume)
     seed_everything(cfg.seed)
 
     # device
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
 
-    # model and data
-    tokenizer, model = load_model(cfg.model)
+    # model and data, checked before the run directory is touched
+    tokenizer, model = load_model(cfg.model, cfg.data.max_length)
     model.to(device)
-    save_pretrained_parts(model, tokenizer, run.model_dir)
     splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
-    run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
+    if not resume:
+        run.create(cfg)
+        save_pretrained_parts(model, tokenizer, run.model_dir)
+        run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
     loaders = make_loaders(splits, tokenizer, cfg, accum_steps, pin_memory=device.type == "cuda")
 
     # optimizer and schedule, sized in optimizer steps
@@ -54,19 +58,31 @@ def run_experiment(cfg: DictConfig, overwrite: bool, train_one_epoch=train_one_e
     stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm)
     print(describe(cfg, device, precision, splits, loaders, accum_steps, 1, lr))
 
-    # tracking
+    # tracking and checkpoints
     logger = RunLogger(run, cfg)
     logger.start()
     logger.store_init_configuration(to_plain_dict(cfg))
-    progress = Progress(logger.log, scheduler, cfg.train.log_every)
     checkpoints = Checkpoints(run, cfg.checkpoint.best_metric)
 
-    for epoch in range(1, cfg.train.epochs + 1):
+    def save_point(epoch_done: bool = False):
+        save_resume_point(run, lambda folder: save_training_state(folder, model, optimizer),
+                          trainer_state(progress, checkpoints, scheduler, stepper.scaler, epoch_done))
+
+    progress = Progress(logger.log, scheduler, cfg.train.log_every, every_steps=cfg.checkpoint.every_steps,
+                        on_checkpoint=save_point)
+    start_epoch, skip = 1, 0
+    if resume:
+        trainer = load_resume_point(run, lambda folder: load_training_state(folder, model, optimizer))
+        start_epoch, skip = restore_trainer_state(trainer, progress, checkpoints, scheduler, stepper.scaler)
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
         loaders.sampler.set_epoch(epoch)
-        train_one_epoch(stepper, progress(loaders.train, epoch), progress)
+        train_one_epoch(stepper, progress(loaders.train, epoch, skip), progress)
+        skip = 0
         val = evaluate(model, loaders.validation, device, precision)
         best = checkpoints.save(model, epoch, val)
         logger.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=progress.step)
+        save_point(epoch_done=True)
         print(f"epoch {epoch}: val loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} f1 {val['f1']:.4f}"
               + (" (best)" if best else ""))
 
@@ -90,7 +106,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     if grad_accum_steps(cfg.train) != 1:
         raise UserError("exp_1 takes one optimizer step per batch; run exp_2/main.py for gradient accumulation")
-    return run_experiment(cfg, args.overwrite)
+    return run_experiment(cfg, args.resume, args.overwrite)
 
 
 if __name__ == "__main__":

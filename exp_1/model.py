@@ -70,26 +70,38 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(cfg_model) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
+def load_model(cfg_model, max_length: int | None = None) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
     """Pretrained encoder (from the hub, a package or a folder) with a freshly initialised head."""
     path = resolve_model_path(cfg_model.name)
+    remote = {"trust_remote_code": cfg_model.trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     except (OSError, ValueError) as err:
         raise UserError(
             f"model.name={cfg_model.name}: cannot load it ({str(err).strip().splitlines()[0][:160]}); check the id "
             "and your connection, or point model.name at a local folder") from None
     if not tokenizer.is_fast:
         raise UserError(f"model.name={cfg_model.name}: has no fast tokenizer; choose a model that ships tokenizer.json")
+    limit = max_positions(tokenizer, config)
+    if max_length is not None and max_length > limit:
+        raise UserError(f"data.max_length={max_length} is more than {cfg_model.name} takes ({limit} tokens); "
+                        f"set data.max_length={limit} or less")
     override_dropout(config, cfg_model.encoder_dropout)
     override_dropout(config, cfg_model.attention_dropout, only="attention")
     kwargs = {"attn_implementation": cfg_model.attn_implementation} if cfg_model.attn_implementation else {}
     try:
-        encoder = AutoModel.from_pretrained(path, config=config, **kwargs)
+        encoder = AutoModel.from_pretrained(path, config=config, **kwargs, **remote)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"model.name={cfg_model.name}: {str(err).strip().splitlines()[0][:200]}") from None
     return tokenizer, SentimentClassifier(encoder, cfg_model.pooling, cfg_model.dropout)
+
+
+def max_positions(tokenizer: PreTrainedTokenizerBase, config) -> int:
+    """Longest input the model takes: the tokenizer's limit when it states one, else the position embeddings'."""
+    positions = getattr(config, "max_position_embeddings", None) or 10**9
+    stated = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else positions
+    return min(stated, positions)
 
 
 def override_dropout(config, probability, only: str = "") -> None:

@@ -3,17 +3,25 @@ progress and checkpoints."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import skip_first_batches
 from omegaconf import DictConfig
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from exp_1.model import model_inputs, save_weights, weighted_loss
+from exp_1.config import TrainingStopped
+from exp_1.model import load_weights, model_inputs, save_weights, weighted_loss
 from exp_1.utils import RunDir, autocast, to_device
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -71,45 +79,71 @@ class Stepper:
 
 
 class Progress:
-    """tqdm over micro-batches with loss and throughput; logs the train loss and lr every `log_every` steps."""
+    """Where training stands (epoch, micro-batches done in it, optimizer steps) and what it has done (samples,
+    tokens, seconds). Shows tqdm with loss and throughput, logs train loss and lr every `log_every` steps, stops on a
+    non-finite loss, and calls `on_checkpoint` every `every_steps` optimizer steps."""
 
-    def __init__(self, log, scheduler, log_every: int, show: bool = True, reduce=lambda t: t):
+    def __init__(self, log, scheduler, log_every: int, show: bool = True, reduce=lambda t: t,
+                 every_steps: int | None = None, on_checkpoint=None):
         """`reduce` sums a tensor over processes (Accelerate), so logs and rates cover the whole window."""
         self.log, self.scheduler, self.log_every = log, scheduler, log_every
         self.show, self.reduce = show, reduce
+        self.every_steps, self.on_checkpoint = every_steps, on_checkpoint
         self.step = 0  # optimizer steps so far, across epochs
+        self.epoch, self.batches_done = 1, 0
         self.samples = self.tokens = 0
         self.train_seconds = 0.0
-        self._losses: list[torch.Tensor] = []
+        self._losses: list[float] = []
 
-    def __call__(self, loader, epoch: int):
-        self._bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0,
-                         disable=not self.show)
+    def __call__(self, loader, epoch: int, skip: int = 0):
+        """The epoch's micro-batches, from the `skip`-th on (resuming mid-epoch)."""
+        self.epoch, self.batches_done = epoch, skip
+        self._bar = tqdm(skip_first_batches(loader, skip) if skip else loader, desc=f"epoch {epoch}", unit="batch",
+                         dynamic_ncols=True, mininterval=1.0, disable=not self.show, initial=skip, total=len(loader))
         self._epoch_start = time.perf_counter()
         for batch in self._bar:
             real = batch["loss_weight"] > 0
             self.samples += int(real.sum())
             self.tokens += int(batch["attention_mask"][real].sum())
+            self.batches_done += 1
             yield batch
         self.train_seconds += time.perf_counter() - self._epoch_start
 
     def step_done(self, window_loss: torch.Tensor) -> None:
-        """Call after each optimizer step with the window's mean loss."""
+        """Call after each optimizer step with the window's mean loss (this process's share of it)."""
         self.step += 1
-        self._losses.append(window_loss)
+        loss = self.reduce(window_loss.float()).item()
+        if not math.isfinite(loss):
+            raise TrainingStopped(f"the training loss is {loss} at optimizer step {self.step} (epoch {self.epoch}); "
+                                  "the last resume point and checkpoints are kept. Lower train.lr, keep "
+                                  "train.max_grad_norm, or use train.precision=fp32 or bf16")
+        self._losses.append(loss)
         if self.step % self.log_every == 0:
-            loss = self.reduce(torch.stack(self._losses).mean()).item()
+            loss = sum(self._losses) / len(self._losses)
             self._losses.clear()
             seconds = self.train_seconds + time.perf_counter() - self._epoch_start
             self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.samples / seconds:.1f}",
                                   tokens_s=f"{self.tokens / seconds:.0f}", refresh=False)
             self.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=self.step)
+        if self.every_steps and self.step % self.every_steps == 0:
+            self.train_seconds += time.perf_counter() - self._epoch_start  # keep seconds exact across a resume
+            self._epoch_start = time.perf_counter()
+            self.on_checkpoint()
 
     def throughput(self) -> dict:
         seconds = max(self.train_seconds, 1e-9)
         samples, tokens = self.reduce(torch.tensor([self.samples, self.tokens], dtype=torch.float64)).tolist()
         return {"train_seconds": round(self.train_seconds, 2), "train_samples_per_s": round(samples / seconds, 3),
                 "train_tokens_per_s": round(tokens / seconds, 1)}
+
+    STATE = ("step", "samples", "tokens", "train_seconds", "_losses")
+
+    def state(self) -> dict:
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name])
 
 
 @torch.no_grad()
@@ -181,3 +215,93 @@ class Checkpoints:
     @property
     def best_path(self):
         return self.run.checkpoints / "best.safetensors"
+
+    def state(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch}
+
+    def load(self, state: dict) -> None:
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+
+
+# ----------------------------------------------------------------------------------------------- resume points
+
+def save_resume_point(run: RunDir, write_state, trainer: dict, is_main: bool = True, barrier=lambda: None) -> None:
+    """Everything needed to continue exactly: `write_state(folder)` writes model, optimizer and RNG states;
+    `trainer` (JSON) says where training stands. Written to resume.tmp and swapped in, so a kill at any moment leaves
+    one complete resume point."""
+    tmp, old = run.resume_dir.with_name("resume.tmp"), run.resume_dir.with_name("resume.old")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    write_state(tmp)
+    barrier()
+    if is_main:
+        trainer = {**trainer, "history_bytes": run.history.stat().st_size if run.history.exists() else 0}
+        (tmp / "trainer.json").write_text(json.dumps(trainer))  # written last: marks the point complete
+        if run.resume_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(run.resume_dir, old)
+        os.replace(tmp, run.resume_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_resume_point(run: RunDir, read_state, is_main: bool = True) -> dict:
+    """Restores what `save_resume_point` wrote; the history is cut back to what it held at that point."""
+    folder = run.resume_point()
+    read_state(folder)
+    trainer = json.loads((folder / "trainer.json").read_text())
+    if is_main and run.history.exists():
+        with run.history.open("r+") as f:
+            f.truncate(trainer["history_bytes"])
+    print(f"resuming {run.path} at epoch {trainer['epoch']}, micro-batch {trainer['batches_done']}, "
+          f"optimizer step {trainer['progress']['step']}")
+    return trainer
+
+
+def trainer_state(progress: Progress, checkpoints: Checkpoints, scheduler, scaler=None, epoch_done: bool = False) -> dict:
+    epoch, batches_done = (progress.epoch + 1, 0) if epoch_done else (progress.epoch, progress.batches_done)
+    return {"epoch": epoch, "batches_done": batches_done, "progress": progress.state(), "best": checkpoints.state(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def restore_trainer_state(trainer: dict, progress: Progress, checkpoints: Checkpoints, scheduler, scaler=None):
+    """Returns (epoch to continue, micro-batches of it already done)."""
+    progress.load(trainer["progress"])
+    checkpoints.load(trainer["best"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    if scaler is not None:
+        scaler.load_state_dict(trainer["scaler"])
+    return trainer["epoch"], trainer["batches_done"]
+
+
+def save_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model, optimizer and RNG states as safetensors (no pickle); the optimizer's non-tensor parts as JSON."""
+    save_weights(model, folder / "model.safetensors")
+    state = optimizer.state_dict()
+    tensors = {f"{param}/{name}": value.contiguous() for param, values in state["state"].items()
+               for name, value in values.items() if torch.is_tensor(value)}
+    others = {str(param): {name: value for name, value in values.items() if not torch.is_tensor(value)}
+              for param, values in state["state"].items()}
+    save_file(tensors, folder / "optimizer.safetensors",
+              metadata={"param_groups": json.dumps(state["param_groups"]), "others": json.dumps(others)})
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, folder / "rng.safetensors")
+
+
+def load_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    load_weights(model, folder / "model.safetensors")
+    with safe_open(folder / "optimizer.safetensors", "pt") as f:
+        meta = f.metadata()
+        params: dict[int, dict] = {int(p): values for p, values in json.loads(meta["others"]).items()}
+        for key in f.keys():
+            param, name = key.split("/", 1)
+            params.setdefault(int(param), {})[name] = f.get_tensor(key)
+    optimizer.load_state_dict({"state": params, "param_groups": json.loads(meta["param_groups"])})
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])

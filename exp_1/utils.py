@@ -22,16 +22,20 @@ import yaml
 from accelerate.tracking import GeneralTracker
 from omegaconf import DictConfig
 
-from exp_1.config import UserError, to_plain_dict
+from exp_1.config import TrainingStopped, UserError, to_plain_dict
 
 
 def run_cli(main: Callable[[list[str]], Any]) -> None:
-    """Call `main(sys.argv[1:])`; a UserError becomes one line on stderr and exit code 2."""
+    """Call `main(sys.argv[1:])`; a UserError becomes one line on stderr and exit code 2, a stopped training
+    exit code 1."""
     try:
         main(sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,31 +86,62 @@ class RunDir:
         self.path = Path(path)
         self.model_dir = self.path / "model"  # encoder config and tokenizer: what inference needs besides weights
         self.checkpoints = self.path / "checkpoints"
+        self.resume_dir = self.checkpoints / "resume"  # full training state, replaced atomically
+        self.history = self.path / "history.jsonl"
 
     @classmethod
-    def start(cls, cfg: DictConfig, overwrite: bool, write: bool = True) -> "RunDir":
-        """The run directory output_dir/name, refusing to replace results unless `overwrite`. Every process checks;
-        only the one with `write` (the main process) creates it and writes config.yaml."""
+    def check(cls, cfg: DictConfig, overwrite: bool, resume: bool) -> "RunDir":
+        """output_dir/name, if it can be started, replaced (`overwrite`) or continued (`resume`). Writes nothing."""
         run = cls(Path(cfg.output_dir) / cfg.name)
-        if run.has_results() and not overwrite:
-            raise UserError(f"run directory {run.path} already holds results; pass --overwrite to replace them "
-                            "or choose another name=")
-        if write:
-            if run.path.exists():
-                shutil.rmtree(run.path)
-            run.checkpoints.mkdir(parents=True)
-            write_atomic(run.path / "config.yaml", yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
+        if resume:
+            if not (run.path / "config.yaml").is_file():
+                raise UserError(f"--resume: there is no run at {run.path}; start it without --resume")
+            if (run.path / "metrics.json").exists():
+                raise UserError(f"--resume: {run.path} has finished (metrics.json exists); use --overwrite to train it "
+                                "again, or another name=")
+            if run.resume_point() is None:
+                raise UserError(f"--resume: {run.path} has no resume point yet (one is saved after each epoch and every "
+                                "checkpoint.every_steps steps); start it again with --overwrite")
+            changed = _changed_keys(yaml.safe_load((run.path / "config.yaml").read_text()), to_plain_dict(cfg))
+            if changed:
+                raise UserError(f"--resume: the config differs from {run.path / 'config.yaml'} in {', '.join(changed)}; "
+                                "resume with the run's own config")
+        elif run.has_results() and not overwrite:
+            raise UserError(f"run directory {run.path} already holds results; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another name=")
         return run
 
+    def create(self, cfg: DictConfig) -> None:
+        """Start afresh (main process only, once every input has been checked)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.checkpoints.mkdir(parents=True)
+        write_atomic(self.path / "config.yaml", yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
+
     def has_results(self) -> bool:
-        return (self.path / "history.jsonl").exists() or (self.path / "metrics.json").exists() or any(
-            self.checkpoints.glob("*.safetensors"))
+        return (self.history.exists() or (self.path / "metrics.json").exists()
+                or any(self.checkpoints.glob("*.safetensors")) or self.resume_point() is not None)
+
+    def resume_point(self) -> Optional[Path]:
+        """The latest complete resume point; `resume.old` exists only if a kill hit the swap of a new one."""
+        for folder in (self.resume_dir, self.resume_dir.with_name("resume.old")):
+            if (folder / "trainer.json").is_file():
+                return folder
+        return None
 
     def write_json(self, name: str, payload: Any, indent: int | None = 1) -> None:
         write_atomic(self.path / name, json.dumps(payload, indent=indent) + "\n")
 
-    def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -128,7 +163,7 @@ class RunLogger(GeneralTracker):
 
     def __init__(self, run: RunDir, cfg: DictConfig):
         super().__init__()
-        self.history_path = run.path / "history.jsonl"
+        self.history_path = run.history
         self.run_dir, self.cfg = run.path, cfg
         self.wandb_run = None
 

@@ -33,7 +33,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0], DEFAULT_CONFIG)
     cfg = load_config(args.config, args.overrides)
     accum_steps = grad_accum_steps(cfg.train)
-    return run_experiment(cfg, args.overwrite, partial(train_one_epoch, accum_steps=accum_steps), accum_steps)
+    return run_experiment(cfg, args.resume, args.overwrite, partial(train_one_epoch, accum_steps=accum_steps),
+                          accum_steps)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 from exp_1.config import CONFIG_DIR, grad_accum_steps, load_config, parse_args, scaled_lr, to_plain_dict
 from exp_1.data import make_loaders, prepare_data
 from exp_1.model import load_model, load_weights, model_inputs, save_pretrained_parts, weighted_loss
-from exp_1.train import Checkpoints, Progress, build_optimizer, build_scheduler, describe, evaluate, final_metrics
+from exp_1.train import (Checkpoints, Progress, build_optimizer, build_scheduler, describe, evaluate, final_metrics,
+                         load_resume_point, restore_trainer_state, save_resume_point, trainer_state)
 from exp_1.utils import RunDir, RunLogger, pick_device, pick_precision, run_cli, seed_everything, to_device
 
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
@@ -56,7 +57,7 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, scheduler, batch
                 window_loss = 0.0
 
 
-def run_experiment(cfg: DictConfig, overwrite: bool) -> dict | None:
+def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict | None:
     started = time.time()
 
     # device: a CPU choice must reach Accelerate, or CPU processes would each train alone
@@ -64,21 +65,22 @@ def run_experiment(cfg: DictConfig, overwrite: bool) -> dict | None:
     state = PartialState(cpu=cpu)
     precision = pick_precision(cfg.train.precision, state.device)
     accum_steps = grad_accum_steps(cfg.train, state.num_processes)
-    run = RunDir.start(cfg, overwrite, write=state.is_main_process)
+    run = RunDir.check(cfg, overwrite, resume)
     logger = RunLogger(run, cfg)  # history.jsonl and WandB, driven by accelerator.log on the main process only
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[precision],
                               gradient_accumulation_steps=accum_steps, log_with=[logger])
     is_main = accelerator.is_main_process
-    accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
 
-    # model and data
-    tokenizer, model = load_model(cfg.model)
+    # model and data, checked before the run directory is touched
+    tokenizer, model = load_model(cfg.model, cfg.data.max_length)
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
         splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
-    if is_main:
+    if is_main and not resume:
+        run.create(cfg)
         save_pretrained_parts(model, tokenizer, run.model_dir)
         run.write_json("split.json", splits.record, indent=None)
+    accelerator.wait_for_everyone()
     # The train loader is not prepared: Accelerate's sharding would top up uneven last batches with repeated
     # samples. The sampler deals each window's micro-batches to the processes itself.
     loaders = make_loaders(splits, tokenizer, cfg, accum_steps, accelerator.num_processes, accelerator.process_index,
@@ -89,24 +91,34 @@ def run_experiment(cfg: DictConfig, overwrite: bool) -> dict | None:
     optimizer = build_optimizer(model, cfg.train, lr, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.train, len(loaders.sampler) // accum_steps * cfg.train.epochs)
     model, optimizer, val_loader, test_loader = accelerator.prepare(model, optimizer, loaders.validation, loaders.test)
-    accelerator.register_for_checkpointing(scheduler)
     accelerator.print(describe(cfg, f"{accelerator.device} {accelerator.distributed_type}", precision, splits, loaders,
                                accum_steps, accelerator.num_processes, lr))
 
-    # tracking
+    # tracking and checkpoints (files on the main process only)
     accelerator.init_trackers(cfg.tracking.wandb_project, to_plain_dict(cfg))
-    progress = Progress(accelerator.log, scheduler, cfg.train.log_every, show=accelerator.is_local_main_process,
-                        reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())
     checkpoints = Checkpoints(run, cfg.checkpoint.best_metric, write=is_main)
 
-    for epoch in range(1, cfg.train.epochs + 1):
+    def save_point(epoch_done: bool = False):  # save_state: model, optimizer, scaler and every process's RNG
+        save_resume_point(run, accelerator.save_state, trainer_state(progress, checkpoints, scheduler, None, epoch_done),
+                          is_main, accelerator.wait_for_everyone)
+
+    progress = Progress(accelerator.log, scheduler, cfg.train.log_every, show=accelerator.is_local_main_process,
+                        reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(),
+                        every_steps=cfg.checkpoint.every_steps, on_checkpoint=save_point)
+    start_epoch, skip = 1, 0
+    if resume:
+        trainer = load_resume_point(run, accelerator.load_state, is_main)
+        start_epoch, skip = restore_trainer_state(trainer, progress, checkpoints, scheduler)
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
         loaders.sampler.set_epoch(epoch)
-        train_one_epoch(accelerator, model, optimizer, scheduler, progress(loaders.train, epoch), progress,
+        train_one_epoch(accelerator, model, optimizer, scheduler, progress(loaders.train, epoch, skip), progress,
                         cfg.train.max_grad_norm)
+        skip = 0
         val = evaluate(model, val_loader, accelerator.device, gather=accelerator.gather_for_metrics)
         best = checkpoints.save(accelerator.unwrap_model(model), epoch, val)
-        accelerator.save_state(run.path / "state")
         accelerator.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=progress.step)
+        save_point(epoch_done=True)
         accelerator.print(f"epoch {epoch}: val loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} "
                           f"f1 {val['f1']:.4f}" + (" (best)" if best else ""))
 
@@ -129,7 +141,7 @@ def run_experiment(cfg: DictConfig, overwrite: bool) -> dict | None:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv, __doc__.splitlines()[0], DEFAULT_CONFIG)
-    return run_experiment(load_config(args.config, args.overrides), args.overwrite)
+    return run_experiment(load_config(args.config, args.overrides), args.resume, args.overwrite)
 
 
 if __name__ == "__main__":

