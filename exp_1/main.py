@@ -44,12 +44,12 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data.max_length)
     model.to(device)
-    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     if not resume:
         run.create(cfg)
         save_pretrained_parts(model, tokenizer, run.model_dir)
         run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, pin_memory=device.type == "cuda")
+    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, device=device)
 
     # optimizer and schedule, sized in optimizer steps
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
@@ -64,19 +64,22 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     logger.store_init_configuration(to_plain_dict(cfg))
     checkpoints = Checkpoints(run, cfg.checkpoint.best_metric)
 
+    layout = {"script": "plain", "processes": 1, "accum_steps": accum_steps}
+
     def save_point(epoch_done: bool = False):
         save_resume_point(run, lambda folder: save_training_state(folder, model, optimizer),
-                          trainer_state(progress, checkpoints, scheduler, stepper.scaler, epoch_done))
+                          trainer_state(progress, checkpoints, scheduler, layout, stepper.scaler, epoch_done))
 
     progress = Progress(logger.log, scheduler, cfg.train.log_every, every_steps=cfg.checkpoint.every_steps,
                         on_checkpoint=save_point)
     start_epoch, skip = 1, 0
     if resume:
-        trainer = load_resume_point(run, lambda folder: load_training_state(folder, model, optimizer))
+        trainer = load_resume_point(run, lambda folder: load_training_state(folder, model, optimizer), layout)
         start_epoch, skip = restore_trainer_state(trainer, progress, checkpoints, scheduler, stepper.scaler)
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         loaders.sampler.set_epoch(epoch)
+        model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
         train_one_epoch(stepper, progress(loaders.train, epoch, skip), progress)
         skip = 0
         val = evaluate(model, loaders.validation, device, precision)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from exp_1.config import TrainingStopped
+from exp_1.config import TrainingStopped, UserError
 from exp_1.model import load_weights, model_inputs, save_weights, weighted_loss
 from exp_1.utils import RunDir, autocast, to_device
 
@@ -72,9 +72,11 @@ class Stepper:
         if self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.get_scale() >= scale:  # fp16 overflow: no step taken, so the schedule does not advance
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -100,6 +102,7 @@ class Progress:
         self.epoch, self.batches_done = epoch, skip
         self._bar = tqdm(skip_first_batches(loader, skip) if skip else loader, desc=f"epoch {epoch}", unit="batch",
                          dynamic_ncols=True, mininterval=1.0, disable=not self.show, initial=skip, total=len(loader))
+        self._lr = self.scheduler.get_last_lr()[0]  # the lr of the coming optimizer step
         self._epoch_start = time.perf_counter()
         for batch in self._bar:
             real = batch["loss_weight"] > 0
@@ -108,6 +111,8 @@ class Progress:
             self.batches_done += 1
             yield batch
         self.train_seconds += time.perf_counter() - self._epoch_start
+        if self._losses:  # the epoch's last steps, when log_every does not divide them
+            self._log_losses()
 
     def step_done(self, window_loss: torch.Tensor) -> None:
         """Call after each optimizer step with the window's mean loss (this process's share of it)."""
@@ -119,16 +124,20 @@ class Progress:
                                   "train.max_grad_norm, or use train.precision=fp32 or bf16")
         self._losses.append(loss)
         if self.step % self.log_every == 0:
-            loss = sum(self._losses) / len(self._losses)
-            self._losses.clear()
-            seconds = self.train_seconds + time.perf_counter() - self._epoch_start
-            self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.samples / seconds:.1f}",
-                                  tokens_s=f"{self.tokens / seconds:.0f}", refresh=False)
-            self.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=self.step)
+            self._log_losses()
+        self._lr = self.scheduler.get_last_lr()[0]
         if self.every_steps and self.step % self.every_steps == 0:
             self.train_seconds += time.perf_counter() - self._epoch_start  # keep seconds exact across a resume
             self._epoch_start = time.perf_counter()
             self.on_checkpoint()
+
+    def _log_losses(self) -> None:
+        loss = sum(self._losses) / len(self._losses)
+        self._losses.clear()
+        seconds = self.train_seconds + time.perf_counter() - self._epoch_start
+        self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.samples / seconds:.1f}",
+                              tokens_s=f"{self.tokens / seconds:.0f}", refresh=False)
+        self.log({"train/loss": loss, "train/lr": self._lr}, step=self.step)
 
     def throughput(self) -> dict:
         seconds = max(self.train_seconds, 1e-9)
@@ -247,22 +256,29 @@ def save_resume_point(run: RunDir, write_state, trainer: dict, is_main: bool = T
     barrier()
 
 
-def load_resume_point(run: RunDir, read_state, is_main: bool = True) -> dict:
-    """Restores what `save_resume_point` wrote; the history is cut back to what it held at that point."""
+def load_resume_point(run: RunDir, read_state, layout: dict, is_main: bool = True) -> dict:
+    """Restores what `save_resume_point` wrote; the history is cut back to what it held at that point. `layout`
+    (script, processes, accumulation) must be the saved one: a position in the data order means nothing otherwise."""
     folder = run.resume_point()
-    read_state(folder)
     trainer = json.loads((folder / "trainer.json").read_text())
+    if trainer["layout"] != layout:
+        raise UserError(f"--resume: {run.path} was saved with {trainer['layout']}, this run has {layout}; resume it "
+                        "with the same script and number of processes")
+    read_state(folder)
     if is_main and run.history.exists():
         with run.history.open("r+") as f:
             f.truncate(trainer["history_bytes"])
-    print(f"resuming {run.path} at epoch {trainer['epoch']}, micro-batch {trainer['batches_done']}, "
-          f"optimizer step {trainer['progress']['step']}")
+    if is_main:
+        print(f"resuming {run.path} at epoch {trainer['epoch']}, micro-batch {trainer['batches_done']}, "
+              f"optimizer step {trainer['progress']['step']}")
     return trainer
 
 
-def trainer_state(progress: Progress, checkpoints: Checkpoints, scheduler, scaler=None, epoch_done: bool = False) -> dict:
+def trainer_state(progress: Progress, checkpoints: Checkpoints, scheduler, layout: dict, scaler=None,
+                  epoch_done: bool = False) -> dict:
     epoch, batches_done = (progress.epoch + 1, 0) if epoch_done else (progress.epoch, progress.batches_done)
-    return {"epoch": epoch, "batches_done": batches_done, "progress": progress.state(), "best": checkpoints.state(),
+    return {"epoch": epoch, "batches_done": batches_done, "layout": layout, "progress": progress.state(),
+            "best": checkpoints.state(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
 
 
@@ -303,5 +319,6 @@ def load_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.o
     optimizer.load_state_dict({"state": params, "param_groups": json.loads(meta["param_groups"])})
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"cuda{i}" in rng:  # a point saved on another machine may have other GPUs
+            torch.cuda.set_rng_state(rng[f"cuda{i}"], i)

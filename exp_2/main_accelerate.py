@@ -75,7 +75,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data.max_length)
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
-        splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+        splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     if is_main and not resume:
         run.create(cfg)
         save_pretrained_parts(model, tokenizer, run.model_dir)
@@ -84,7 +84,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # The train loader is not prepared: Accelerate's sharding would top up uneven last batches with repeated
     # samples. The sampler deals each window's micro-batches to the processes itself.
     loaders = make_loaders(splits, tokenizer, cfg, accum_steps, accelerator.num_processes, accelerator.process_index,
-                           pin_memory=accelerator.device.type == "cuda")
+                           accelerator.device)
 
     # optimizer and schedule, sized in optimizer steps (the scheduler is stepped by hand, once per real step)
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
@@ -98,20 +98,24 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     accelerator.init_trackers(cfg.tracking.wandb_project, to_plain_dict(cfg))
     checkpoints = Checkpoints(run, cfg.checkpoint.best_metric, write=is_main)
 
+    layout = {"script": "accelerate", "processes": accelerator.num_processes, "accum_steps": accum_steps}
+
     def save_point(epoch_done: bool = False):  # save_state: model, optimizer, scaler and every process's RNG
-        save_resume_point(run, accelerator.save_state, trainer_state(progress, checkpoints, scheduler, None, epoch_done),
-                          is_main, accelerator.wait_for_everyone)
+        save_resume_point(run, accelerator.save_state,
+                          trainer_state(progress, checkpoints, scheduler, layout, None, epoch_done), is_main,
+                          accelerator.wait_for_everyone)
 
     progress = Progress(accelerator.log, scheduler, cfg.train.log_every, show=accelerator.is_local_main_process,
                         reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(),
                         every_steps=cfg.checkpoint.every_steps, on_checkpoint=save_point)
     start_epoch, skip = 1, 0
     if resume:
-        trainer = load_resume_point(run, accelerator.load_state, is_main)
+        trainer = load_resume_point(run, accelerator.load_state, layout, is_main)
         start_epoch, skip = restore_trainer_state(trainer, progress, checkpoints, scheduler)
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         loaders.sampler.set_epoch(epoch)
+        model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
         train_one_epoch(accelerator, model, optimizer, scheduler, progress(loaders.train, epoch, skip), progress,
                         cfg.train.max_grad_norm)
         skip = 0

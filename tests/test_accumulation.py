@@ -47,7 +47,7 @@ def setup(tmp_path_factory, tiny_bert, odd_reviews_dir):
     cfg = load_config(tiny_config(tmp, tiny_bert, odd_reviews_dir))
     torch.manual_seed(0)
     tokenizer, model = load_model(cfg.model)
-    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     return cfg, tokenizer, model, splits
 
 
@@ -194,8 +194,9 @@ def test_scheduler_counts_optimizer_steps(tmp_path, tiny_bert, odd_reviews_dir, 
     lrs = [h["train/lr"] for h in history if "train/lr" in h]
     steps = math.ceil(207 / 24)
     assert metrics["optimizer_steps"] == len(lrs) == steps
-    warmup = math.ceil(steps * 0.25)
-    assert lrs.index(max(lrs)) == warmup - 1 and lrs[-1] == 0.0
+    warmup = math.ceil(steps * 0.25)  # each logged lr is the one its step used: 0 first, the peak after warmup
+    assert lrs[0] == 0.0 and lrs.index(max(lrs)) == warmup
+    assert lrs[-1] == pytest.approx(max(lrs) / (steps - warmup))
 
 
 def test_effective_batch_size_is_converted_or_rejected(tmp_path, tiny_bert, odd_reviews_dir, capsys):

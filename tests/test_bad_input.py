@@ -1,6 +1,7 @@
 """Every kind of bad input stops before anything is written: one line naming the problem and the fix, exit code 2,
 no traceback, and the directory exactly as it was."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import yaml
 
 from conftest import tiny_config
 from exp_1 import main as exp1
+from exp_1.config import load_config, to_plain_dict
 from exp_1.utils import run_cli
 from exp_2 import main as exp2
 
@@ -63,6 +65,9 @@ CASES = {
     "resume of a finished run": ("exp1", ["--resume", "name=finished"], "has finished (metrics.json exists)"),
     "resume with another config": ("exp1", ["--resume", "name=interrupted", "train.lr=0.5"],
                                    "the config differs from"),
+    "resume with another script": ("exp1", ["--resume", "name=interrupted"], "was saved with {'script': 'accelerate'"),
+    "a folder that is not a run": ("exp1", ["output_dir=DIR", "name=stars"], "exists and is not a run directory"),
+    "a split left empty": ("exp1", ["data.split=[1000,1,1]"], "leaves no validation reviews out of 220"),
 }
 
 
@@ -82,8 +87,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, review
                         "interrupted": ["config.yaml", "history.jsonl", "checkpoints/resume/trainer.json"]}.items():
         for file in files:
             (runs / name / file).parent.mkdir(parents=True, exist_ok=True)
-            saved = yaml.safe_load(config.read_text()) | {"name": name}
-            (runs / name / file).write_text(yaml.safe_dump(saved) if file == "config.yaml" else "{}\n")
+            saved = to_plain_dict(load_config(config, [f"name={name}"]))  # as a run saves it, resolved
+            layout = {"script": "accelerate", "processes": 2, "accum_steps": 1}
+            (runs / name / file).write_text(yaml.safe_dump(saved) if file == "config.yaml" else
+                                            json.dumps({"layout": layout}) if file.endswith("trainer.json") else "{}\n")
     args = [a.replace("DIR", str(tmp_path)) for a in extra]
     argv = (args if "--config" in args else ["--config", str(config), *args])
     before = _tree(tmp_path)

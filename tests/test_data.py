@@ -160,9 +160,9 @@ def test_second_start_reads_the_tokenisation_cache(tmp_path, reviews_dir, tiny_b
     from exp_1.data import prepare_data
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
-    first = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    first = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     with mock.patch.object(type(tokenizer), "__call__", side_effect=AssertionError("tokenised again")):
-        second = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+        second = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     assert second.train["input_ids"] == first.train["input_ids"]
 
 
@@ -171,7 +171,7 @@ def test_token_type_ids_are_kept_only_for_encoders_that_take_them(tmp_path, revi
 
     for model_dir, expected in ((tiny_bert, True), (tiny_modernbert, False)):
         cfg, tokenizer, model = _prepare(tmp_path, model_dir, reviews_dir)
-        splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+        splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
         assert ("token_type_ids" in splits.train.column_names) is expected
 
 
@@ -179,8 +179,30 @@ def test_batches_are_padded_to_their_own_longest_review(tmp_path, reviews_dir, t
     from exp_1.data import make_eval_loader, make_train_loader, prepare_data
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
-    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     sampler = WindowBatchSampler(splits.train["length"], 8, 1, seed=0)
     for loader in (make_train_loader(splits.train, sampler, tokenizer, cfg), make_eval_loader(splits.test, tokenizer, cfg)):
         for batch in loader:
             assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() < cfg.data.max_length
+
+
+@pytest.mark.parametrize("truncation", ["head", "tail", "head_tail"])
+def test_truncation_keeps_the_chosen_ends_of_long_reviews(tiny_bert, truncation):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from exp_1.data import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    words = [f"w{i}" for i in range(300)]
+    reviews = datasets.Dataset.from_dict({"text": [" ".join(words), "short review"], "label": [1, 0]})
+    rows = tokenize(reviews, tokenizer, 34, ["input_ids", "attention_mask"], truncation)
+    long, short = (tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") for ids in rows["input_ids"])
+    assert 30 <= len(rows[0]["input_ids"]) <= 34 and short == "shortreview"  # cuts may split a word's pieces
+    joined = "".join(words)
+    if truncation == "head":
+        assert joined.startswith(long) and len(rows[0]["input_ids"]) == 34
+    elif truncation == "tail":
+        assert joined.endswith(long) and long.endswith("w298w299") and not long.startswith("w0")
+    else:  # 32 tokens of budget: about the first 8 and the last 24
+        assert long.startswith("w0w1") and long.endswith("w298w299") and "w150" not in long

@@ -64,7 +64,7 @@ def test_minilm_lowers_the_loss_on_real_reviews(tmp_path):
     cfg = exp1.load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
                                        data={"max_length": 128, "max_train_samples": 16}, train={"batch_size": 16}))
     tokenizer, model = load_model(cfg.model)
-    splits = prepare_data(cfg, cfg.seed, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
     sampler = WindowBatchSampler(splits.train["length"], 16, 1, seed=0)
     batch = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg)))
     optimizer = build_optimizer(model, cfg.train, 5e-5, torch.device("cpu"))

@@ -68,3 +68,21 @@ def test_attention_dropout_overrides_only_attention(tiny_bert, tiny_modernbert):
     assert bert.encoder.config.attention_probs_dropout_prob == 0.0 and bert.encoder.config.hidden_dropout_prob == 0.1
     _, modernbert = _load(tiny_modernbert, attention_dropout=0.3)
     assert modernbert.encoder.config.attention_dropout == 0.3 and modernbert.encoder.config.mlp_dropout == 0.0
+
+
+def test_training_runs_with_the_encoder_dropout_on(tmp_path, tiny_bert, reviews_dir, monkeypatch):
+    """from_pretrained hands the encoder back in eval mode; every training step must run it in train mode."""
+    from conftest import tiny_config
+    from exp_1 import main as exp1
+    from exp_1.train import Stepper
+
+    modes = []
+    real = Stepper.forward_backward
+
+    def spy(self, batch):
+        modes.append(all(m.training for m in self.model.modules()))
+        return real(self, batch)
+
+    monkeypatch.setattr(Stepper, "forward_backward", spy)
+    exp1.main(["--config", str(tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 2}))])
+    assert modes and all(modes)
