@@ -37,7 +37,8 @@ def load_reviews(path: str) -> datasets.Dataset:
     folder = Path(path).expanduser()
     looks_local = folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not folder.is_dir():
-        raise UserError(f"data.path={path}: no such folder; point it at a folder of IMDB files or a hub dataset id")
+        problem = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"data.path={path}: {problem}; point it at a folder of IMDB files or a hub dataset id")
     if looks_local and (folder / "aclImdb").is_dir():
         folder = folder / "aclImdb"
     if looks_local and (folder / "train" / "pos").is_dir():

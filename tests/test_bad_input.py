@@ -50,7 +50,7 @@ CASES = {
     "unknown model, no hub": ("exp1", ["model.name=no-such-org/no-such-model"], "model.name=no-such-org/no-such-model: cannot load it"),
     "unknown dataset, no hub": ("exp1", ["data.path=no-such-org/no-such-dataset"], "cannot load it from the HF hub"),
     "missing data folder": ("exp1", ["data.path=DIR/nowhere"], "no such folder"),
-    "data path is a file": ("exp1", ["data.path=DIR/notes.txt"], "no such folder"),
+    "data path is a file": ("exp1", ["data.path=DIR/notes.txt"], "is a file, not a folder"),
     "empty data folder": ("exp1", ["data.path=DIR/empty"], "cannot read data files there"),
     "missing columns": ("exp1", ["data.path=DIR/nocolumns"], "lacks column(s) label, text"),
     "labels not 0/1": ("exp1", ["data.path=DIR/stars"], "label 5 at row 0; labels must be 0 (negative) or 1 (positive)"),
