@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from conftest import PROJECT, synthetic_reviews, tiny_config
 from exp_1 import main as exp1
 from exp_1.config import UserError, load_config
 from exp_1.data import WindowBatchSampler, make_train_loader, prepare_data
-from exp_1.model import load_model, model_inputs
+from exp_1.model import load_model
 from exp_1.train import Stepper
 from exp_2 import main as exp2
 from exp_2.main_accelerate import backward_micro_batch
