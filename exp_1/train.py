@@ -265,10 +265,10 @@ def load_resume_point(run: RunDir, read_state, layout: dict, is_main: bool = Tru
         raise UserError(f"--resume: {run.path} was saved with {trainer['layout']}, this run has {layout}; resume it "
                         "with the same script and number of processes")
     read_state(folder)
-    if is_main and run.history.exists():
-        with run.history.open("r+") as f:
-            f.truncate(trainer["history_bytes"])
     if is_main:
+        if run.history.exists():
+            with run.history.open("r+") as f:
+                f.truncate(trainer["history_bytes"])
         print(f"resuming {run.path} at epoch {trainer['epoch']}, micro-batch {trainer['batches_done']}, "
               f"optimizer step {trainer['progress']['step']}")
     return trainer
@@ -278,8 +278,8 @@ def trainer_state(progress: Progress, checkpoints: Checkpoints, scheduler, layou
                   epoch_done: bool = False) -> dict:
     epoch, batches_done = (progress.epoch + 1, 0) if epoch_done else (progress.epoch, progress.batches_done)
     return {"epoch": epoch, "batches_done": batches_done, "layout": layout, "progress": progress.state(),
-            "best": checkpoints.state(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+            "best": checkpoints.state(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 def restore_trainer_state(trainer: dict, progress: Progress, checkpoints: Checkpoints, scheduler, scaler=None):
