@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 VARIANTS = ["this project", "HF Trainer, defaults", "HF Trainer, same settings", "original pipeline"]
+COMPILED = "this project, compiled"  # on request (--only): compiling takes minutes on a CPU
 
 
 def parse_args(argv=None):
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="this project's precision (auto as in training); the same-settings Trainer follows it")
-    p.add_argument("--only", nargs="*", choices=VARIANTS, default=VARIANTS)
+    p.add_argument("--only", nargs="*", choices=VARIANTS + [COMPILED], default=VARIANTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -122,8 +123,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------------------------- the variants
 
-def run_this_project(args, texts, labels, path, device, precision):
-    """exp_1's pipeline: length-grouped windows, dynamic padding, attention dropout 0, auto precision, fused AdamW."""
+def run_this_project(args, texts, labels, path, device, precision, compiled: bool = False):
+    """exp_1's pipeline: length-grouped windows, dynamic padding, attention dropout 0, auto precision, fused AdamW;
+    with train.compile if `compiled` (then the first 3 steps, which compile for the first and then dynamic shapes,
+    are not timed)."""
     import datasets
     from omegaconf import OmegaConf
 
@@ -134,11 +137,14 @@ def run_this_project(args, texts, labels, path, device, precision):
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "model": {"name": path, "attention_dropout": 0.0}, "data": {"max_length": args.max_length},
-        "train": {"batch_size": args.batch_size}})
+        "train": {"batch_size": args.batch_size, "compile": compiled}})
     tokenizer, model = load_model(cfg.model, args.max_length)
     model.to(device)
-    columns = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.takes_token_type_ids else [])
-    rows = tokenize(datasets.Dataset.from_dict({"text": texts, "label": labels}), tokenizer, args.max_length, columns)
+    if cfg.train.compile:
+        model.compile()
+        args.warmup = max(args.warmup, 3)
+    rows = tokenize(datasets.Dataset.from_dict({"text": texts, "label": labels}), tokenizer, args.max_length,
+                    model.input_names)
     sampler = WindowBatchSampler(rows["length"], args.batch_size, 1, args.seed)
     sampler.set_epoch(1)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
@@ -226,6 +232,7 @@ def run_variant(args) -> dict:
     path = model_path(args)
     texts, labels = sample_reviews(args)
     runner = {"this project": run_this_project, "original pipeline": run_original,
+              COMPILED: lambda *a: run_this_project(*a, compiled=True),
               "HF Trainer, defaults": lambda *a: run_hf_trainer(*a, same_settings=False),
               "HF Trainer, same settings": lambda *a: run_hf_trainer(*a, same_settings=True)}[args.variant]
     timer, used, encoder = runner(args, texts, labels, path, device, precision)

@@ -71,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
     log_every: int = 1  # optimizer steps per logged train loss (the mean over them)
+    compile: bool = False  # torch.compile the model: pays a compile at the start (and per new shape) for faster steps
 
 
 @dataclass
@@ -116,13 +117,13 @@ OPTIONAL_POSITIVE_INTS = ("data.max_train_samples", "data.max_val_samples", "dat
 FRACTIONS = ("model.dropout", "model.encoder_dropout", "model.attention_dropout", "train.warmup_ratio")
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, like every other input error
         raise UserError(f"{message} (see --help)")
 
 
 def parse_args(argv: Optional[List[str]], description: str, default_config: Optional[Path]) -> argparse.Namespace:
-    parser = _Parser(
+    parser = CliParser(
         description=description,
         epilog="Overrides use OmegaConf dotlist style, e.g. train.lr=3e-5 data.path=../shared/data/imdb. "
         "Every key is listed, with its default, in exp_1/config.py.",

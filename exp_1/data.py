@@ -84,12 +84,12 @@ def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
 def _check_reviews(reviews: datasets.Dataset, path: str) -> datasets.Dataset:
     if len(reviews) == 0:
         raise UserError(f"data.path={path}: no reviews found")
-    labels = np.asarray(reviews["label"])
+    labels = np.asarray(reviews["label"][:])  # [:] reads the whole column at once; iterating a Column goes row by row
     bad = np.flatnonzero((labels != 0) & (labels != 1))
     if bad.size:
         raise UserError(f"data.path={path}: label {labels[bad[0]]} at row {bad[0]}; labels must be 0 (negative) "
                         "or 1 (positive)")
-    empty = [i for i, t in enumerate(reviews["text"]) if not isinstance(t, str) or not t.strip()]
+    empty = [i for i, t in enumerate(reviews["text"][:]) if not isinstance(t, str) or not t.strip()]
     if empty:
         raise UserError(f"data.path={path}: {len(empty)} empty or missing text(s), first at row {empty[0]}; "
                         "remove them from the data")
@@ -146,11 +146,12 @@ class Splits:
     record: dict  # written to split.json
 
 
-def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, takes_token_type_ids: bool) -> Splits:
+def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: list[str]) -> Splits:
+    """The run's split of the reviews, tokenised into `columns` (the model's input names)."""
     seed = cfg.seed
     reviews = load_reviews(cfg.data.path)
-    labels = np.asarray(reviews["label"])
-    record = split_indices(reviews["text"], labels, cfg.data.split, seed)
+    labels = np.asarray(reviews["label"][:])
+    record = split_indices(reviews["text"][:], labels, cfg.data.split, seed)
     for name in ("train", "validation", "test"):
         if not record[name]:
             raise UserError(f"data.split={list(cfg.data.split)} leaves no {name} reviews out of {len(reviews)}; "
@@ -162,7 +163,6 @@ def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, takes_toke
         record[name] = stratified_subset(record[name], labels, limit, seed)
     record.update(source=cfg.data.path, seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews))
 
-    columns = ["input_ids", "attention_mask"] + (["token_type_ids"] if takes_token_type_ids else [])
     tokenized = {name: tokenize(reviews.select(record[name]), tokenizer, cfg.data.max_length, columns,
                                 cfg.data.truncation) for name in ("train", "validation", "test")}
     return Splits(**tokenized, record=record)
@@ -177,20 +177,26 @@ def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_
     spec.pop("truncation", None), spec.pop("padding", None)  # call state, changed by tokenising itself
     key.update(json.dumps(spec, sort_keys=True).encode())
     key.update(f"{max_length}|{columns}|{truncation}".encode())
-    for text, label in zip(reviews["text"], reviews["label"]):
+    for text, label in zip(reviews["text"][:], reviews["label"][:]):
         key.update(f"{label}\0{text}\0".encode())
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "imdb_tokenized"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    name = key.hexdigest()[:32]  # also the fingerprint, so datasets need not hash the tokenizer `map` is given
+    return reviews.map(lambda batch: encode(batch["text"], tokenizer, max_length, columns, truncation), batched=True,
+                       remove_columns=["text"], desc="Tokenising", new_fingerprint=name,
+                       cache_file_name=str(cache_dir / f"{name}.arrow"), load_from_cache_file=True)
 
-    def encode(batch):
-        texts = batch["text"] if truncation == "head" else keep_ends(batch["text"], tokenizer, max_length, truncation)
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
-        out = {name: encoded[name] for name in columns if name in encoded}  # RoBERTa's returns no token types
-        out["length"] = [len(ids) for ids in encoded["input_ids"]]
-        return out
 
-    return reviews.map(encode, batched=True, remove_columns=["text"], desc="Tokenising",
-                       cache_file_name=str(cache_dir / f"{key.hexdigest()[:32]}.arrow"), load_from_cache_file=True)
+def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
+           truncation: str = "head") -> dict:
+    """Model inputs of reviews as training sees them (`columns`, cut to max_length the `truncation` way), plus their
+    `length` in tokens."""
+    if truncation != "head":
+        texts = keep_ends(texts, tokenizer, max_length, truncation)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    out = {name: encoded[name] for name in columns if name in encoded}  # RoBERTa's returns no token types
+    out["length"] = [len(ids) for ids in encoded["input_ids"]]
+    return out
 
 
 def keep_ends(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, truncation: str) -> list[str]:
@@ -297,7 +303,7 @@ class Loaders:
 # global one that dropout uses if it has none, which would make a resumed run's dropout masks differ.
 def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, accum_steps: int, num_processes: int = 1,
                  process_index: int = 0, device: torch.device = torch.device("cpu")) -> Loaders:
-    sampler = WindowBatchSampler(splits.train["length"], cfg.train.batch_size, accum_steps, cfg.seed, num_processes,
+    sampler = WindowBatchSampler(splits.train["length"][:], cfg.train.batch_size, accum_steps, cfg.seed, num_processes,
                                  process_index, cfg.data.group_by_length)
     return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, device),
                    make_eval_loader(splits.validation, tokenizer, cfg, device),
@@ -306,20 +312,20 @@ def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, accum_steps: int, n
 
 def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, tokenizer, cfg: DictConfig,
                       device: torch.device = torch.device("cpu")) -> DataLoader:
-    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=_collator(tokenizer, cfg, device),
+    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=make_collator(tokenizer, cfg, device),
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
 def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig,
                      device: torch.device = torch.device("cpu")) -> DataLoader:
     """Longest reviews first, so each batch pads little and memory peaks at the start."""
-    by_length = rows.select(np.argsort(-np.asarray(rows["length"]), kind="stable")).remove_columns("length")
+    by_length = rows.select(np.argsort(-np.asarray(rows["length"][:]), kind="stable")).remove_columns("length")
     return DataLoader(by_length, batch_size=cfg.train.batch_size * 2, shuffle=False,
-                      collate_fn=_collator(tokenizer, cfg, device), num_workers=cfg.data.num_workers,
+                      collate_fn=make_collator(tokenizer, cfg, device), num_workers=cfg.data.num_workers,
                       pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
-def _collator(tokenizer, cfg: DictConfig, device: torch.device) -> DataCollatorWithPadding:
+def make_collator(tokenizer, cfg: DictConfig, device: torch.device) -> DataCollatorWithPadding:
     """Pads each batch to its own longest review (dynamic padding). On GPUs, to a multiple of 64 unless
     data.pad_to_multiple_of says otherwise: cuDNN attention plans each new sequence length anew (measured on an
     H100: 3x slower steps while lengths are new), and multiples of 64 leave few lengths to plan."""

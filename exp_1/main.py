@@ -32,7 +32,7 @@ def train_one_epoch(stepper: Stepper, batches, progress: Progress) -> None:
 
 
 def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False, train_one_epoch=train_one_epoch,
-                   accum_steps: int = 1) -> dict:
+                   accum_steps: int = 1, script: str = "exp_1/main.py") -> dict:
     started = time.time()
     run = RunDir.check(cfg, overwrite, resume)
     seed_everything(cfg.seed)
@@ -44,7 +44,9 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data.max_length)
     model.to(device)
-    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+    if cfg.train.compile:
+        model.compile()  # in place, so checkpoints keep the plain model's keys
+    splits = prepare_data(cfg, tokenizer, model.input_names)
     if not resume:
         run.create(cfg)
         save_pretrained_parts(model, tokenizer, run.model_dir)
@@ -93,7 +95,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     load_weights(model, checkpoints.best_path)
     test = evaluate(model, loaders.test, device, precision)
     metrics = final_metrics(cfg, test, checkpoints, progress, effective_batch_size=loaders.sampler.effective_batch,
-                            num_processes=1, lr=lr, device=device.type, precision=precision,
+                            num_processes=1, lr=lr, script=script, device=device.type, precision=precision,
                             wall_seconds=round(time.time() - started, 2))
     run.write_json("metrics.json", metrics)
     logger.log({f"test/{k}": v for k, v in test.items()}, step=progress.step)

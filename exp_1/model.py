@@ -34,6 +34,7 @@ class SentimentClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
         # decided from the encoder's forward, not its name: ModernBERT silently swallows token_type_ids
         self.takes_token_type_ids = "token_type_ids" in inspect.signature(encoder.forward).parameters
+        self.input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.takes_token_type_ids else [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids=None) -> torch.Tensor:
         extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}

@@ -181,8 +181,8 @@ def classification_metrics(losses: torch.Tensor, predictions: torch.Tensor, labe
     precision = true_pos / predicted_pos if predicted_pos else 0.0
     recall = true_pos / actual_pos if actual_pos else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"loss": losses.mean().item(), "accuracy": (predictions == labels).float().mean().item(), "f1": f1,
-            "n": len(labels)}
+    correct = int((predictions == labels).sum())
+    return {"loss": losses.double().mean().item(), "accuracy": correct / len(labels), "f1": f1, "n": len(labels)}
 
 
 def describe(cfg: DictConfig, device, precision: str, splits, loaders, accum_steps: int, num_processes: int,

@@ -156,7 +156,7 @@ def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: a reader or a kill never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     accum_steps = grad_accum_steps(cfg.train)
     return run_experiment(cfg, args.resume, args.overwrite, partial(train_one_epoch, accum_steps=accum_steps),
-                          accum_steps)
+                          accum_steps, script="exp_2/main.py")
 
 
 if __name__ == "__main__":

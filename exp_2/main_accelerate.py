@@ -74,8 +74,10 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data.max_length)
+    if cfg.train.compile:
+        model.compile()  # in place, so checkpoints keep the plain model's keys
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
-        splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+        splits = prepare_data(cfg, tokenizer, model.input_names)
     if is_main and not resume:
         run.create(cfg)
         save_pretrained_parts(model, tokenizer, run.model_dir)
@@ -131,8 +133,8 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     load_weights(accelerator.unwrap_model(model), checkpoints.best_path)
     test = evaluate(model, test_loader, accelerator.device, gather=accelerator.gather_for_metrics)
     metrics = final_metrics(cfg, test, checkpoints, progress, effective_batch_size=loaders.sampler.effective_batch,
-                            num_processes=accelerator.num_processes, lr=lr, device=accelerator.device.type,
-                            precision=precision, wall_seconds=round(time.time() - started, 2))
+                            num_processes=accelerator.num_processes, lr=lr, script="exp_2/main_accelerate.py",
+                            device=accelerator.device.type, precision=precision, wall_seconds=round(time.time() - started, 2))
     accelerator.log({f"test/{k}": v for k, v in test.items()}, step=progress.step)
     if is_main:
         run.write_json("metrics.json", metrics)

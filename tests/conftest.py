@@ -86,10 +86,13 @@ def synthetic_reviews(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture
 def reviews_dir(tmp_path) -> Path:
-    """A local data folder in csv form (train.csv + test.csv), as a user might bring."""
+    return write_reviews(tmp_path / "reviews")
+
+
+def write_reviews(folder: Path) -> Path:
+    """A local data folder in csv form (train.csv + test.csv) of 220 synthetic reviews, as a user might bring."""
     import csv
 
-    folder = tmp_path / "reviews"
     folder.mkdir()
     rows = synthetic_reviews(220)
     for name, part in (("train", rows[:120]), ("test", rows[120:])):

@@ -46,7 +46,7 @@ def setup(tmp_path_factory, tiny_bert, odd_reviews_dir):
     cfg = load_config(tiny_config(tmp, tiny_bert, odd_reviews_dir))
     torch.manual_seed(0)
     tokenizer, model = load_model(cfg.model)
-    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.input_names)
     return cfg, tokenizer, model, splits
 
 

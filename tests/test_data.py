@@ -160,9 +160,9 @@ def test_second_start_reads_the_tokenisation_cache(tmp_path, reviews_dir, tiny_b
     from exp_1.data import prepare_data
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
-    first = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+    first = prepare_data(cfg, tokenizer, model.input_names)
     with mock.patch.object(type(tokenizer), "__call__", side_effect=AssertionError("tokenised again")):
-        second = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+        second = prepare_data(cfg, tokenizer, model.input_names)
     assert second.train["input_ids"] == first.train["input_ids"]
 
 
@@ -171,7 +171,7 @@ def test_token_type_ids_are_kept_only_for_encoders_that_take_them(tmp_path, revi
 
     for model_dir, expected in ((tiny_bert, True), (tiny_modernbert, False)):
         cfg, tokenizer, model = _prepare(tmp_path, model_dir, reviews_dir)
-        splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+        splits = prepare_data(cfg, tokenizer, model.input_names)
         assert ("token_type_ids" in splits.train.column_names) is expected
 
 
@@ -179,7 +179,7 @@ def test_batches_are_padded_to_their_own_longest_review(tmp_path, reviews_dir, t
     from exp_1.data import make_eval_loader, make_train_loader, prepare_data
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
-    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.input_names)
     sampler = WindowBatchSampler(splits.train["length"], 8, 1, seed=0)
     for loader in (make_train_loader(splits.train, sampler, tokenizer, cfg), make_eval_loader(splits.test, tokenizer, cfg)):
         for batch in loader:

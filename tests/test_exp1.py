@@ -51,9 +51,9 @@ def test_end_to_end_run_writes_the_contract_and_tests_the_best_checkpoint(fixtur
     from exp_1.data import load_reviews
 
     reviews = load_reviews(str(reviews_dir)).select(split["test"])
-    columns = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.takes_token_type_ids else [])
     cfg = exp1.load_config(config)
-    test = evaluate(model, make_eval_loader(tokenize(reviews, tokenizer, 64, columns), tokenizer, cfg), torch.device("cpu"))
+    rows = tokenize(reviews, tokenizer, 64, model.input_names)
+    test = evaluate(model, make_eval_loader(rows, tokenizer, cfg), torch.device("cpu"))
     assert test["accuracy"] == metrics["test_accuracy"]
     assert test["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
 
@@ -64,7 +64,7 @@ def test_minilm_lowers_the_loss_on_real_reviews(tmp_path):
     cfg = exp1.load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
                                        data={"max_length": 128, "max_train_samples": 16}, train={"batch_size": 16}))
     tokenizer, model = load_model(cfg.model)
-    splits = prepare_data(cfg, tokenizer, model.takes_token_type_ids)
+    splits = prepare_data(cfg, tokenizer, model.input_names)
     sampler = WindowBatchSampler(splits.train["length"], 16, 1, seed=0)
     batch = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg)))
     optimizer = build_optimizer(model, cfg.train, 5e-5, torch.device("cpu"))
@@ -139,3 +139,13 @@ def test_existing_results_are_not_overwritten_without_the_flag(tmp_path, reviews
         exp1.main(["--config", str(config)])
     assert (tmp_path / "runs/tiny/metrics.json").read_text() == metrics
     exp1.main(["--config", str(config), "--overwrite"])
+
+
+def test_compiled_training_matches_eager_and_its_checkpoint_loads_plainly(tmp_path, tiny_bert, reviews_dir):
+    """train.compile changes speed, not results; the checkpoint it writes loads into an uncompiled model."""
+    eager = exp1.main(["--config", str(tiny_config(tmp_path, tiny_bert, reviews_dir, name="eager", train={"epochs": 1}))])
+    compiled = exp1.main(["--config", str(tiny_config(tmp_path, tiny_bert, reviews_dir, name="compiled",
+                                                      train={"epochs": 1, "compile": True}))])
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
+    assert compiled["test_accuracy"] == eager["test_accuracy"]
+    load_run(tmp_path / "runs" / "compiled")  # a strict load: it would fail on torch.compile's `_orig_mod.` keys

@@ -1,0 +1,82 @@
+"""Run several configs one after another, then plot and tabulate them into training_results/ (exp_1/results.py).
+
+    python exp_1/sweep.py configs/bert.yaml configs/modernbert.yaml
+    python exp_1/sweep.py --script exp_2/main.py configs/exp2_eb64.yaml configs/exp2_eb256.yaml configs/exp2_eb1024.yaml
+    python exp_1/sweep.py --script exp_2/main_accelerate.py --launcher "accelerate launch --multi_gpu --num_processes 8" \\
+        configs/exp2_eb64.yaml configs/exp2_eb256.yaml configs/exp2_eb1024.yaml
+
+key=value overrides apply to every config (e.g. output_dir=runs/demo data.max_train_samples=2000). Each run is its
+own process. A run that already finished (metrics.json in its run directory) is skipped, an interrupted one resumes
+from its resume point, and a run that fails is reported while the sweep goes on; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from exp_1.config import CliParser, UserError, load_config
+from exp_1.results import PROJECT, find_runs, write_results
+from exp_1.utils import RunDir, run_cli
+
+SCRIPTS = ["exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py"]
+
+
+def main(argv=None) -> dict[Path, str]:
+    """Runs every config; returns each run directory's outcome: finished, skipped, resumed or failed."""
+    p = CliParser(description=__doc__.splitlines()[0])
+    p.add_argument("items", nargs="+", metavar="config.yaml | key=value", help="configs to run, and overrides for all")
+    p.add_argument("--script", choices=SCRIPTS, default=SCRIPTS[0], help="entry script (default: exp_1/main.py)")
+    p.add_argument("--launcher", default=sys.executable,
+                   help='command that runs the script, e.g. "accelerate launch --num_processes 2" (default: python)')
+    p.add_argument("--out", type=Path, default=PROJECT / "training_results", help="default: training_results/")
+    args = p.parse_intermixed_args(argv)
+    overrides = [item for item in args.items if "=" in item]
+    configs = [Path(item) for item in args.items if "=" not in item]
+    if not configs:
+        raise UserError("no config given: list the YAML files to run, e.g. configs/bert.yaml configs/modernbert.yaml")
+
+    runs: dict[Path, Path] = {}  # run directory -> config; every config is checked before anything runs
+    for config in configs:
+        cfg = load_config(config, overrides)
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if run_dir in runs:
+            raise UserError(f"{runs[run_dir]} and {config} both write to {run_dir}; give them different names "
+                            "(name= in the config)")
+        runs[run_dir] = config
+
+    outcomes = {}
+    for number, (run_dir, config) in enumerate(runs.items(), 1):
+        header = f"[sweep {number}/{len(runs)}] {config} -> {run_dir}"
+        if (run_dir / "metrics.json").is_file():
+            print(f"{header}: finished before, skipped", flush=True)
+            outcomes[run_dir] = "skipped"
+            continue
+        resume = RunDir(run_dir).resume_point() is not None
+        print(f"{header}{': resuming' if resume else ''}", flush=True)
+        started = time.time()
+        command = [*shlex.split(args.launcher), str(PROJECT / args.script), "--config", str(config), *overrides,
+                   *(["--resume"] if resume else [])]
+        code = subprocess.run(command).returncode
+        outcomes[run_dir] = "failed" if code else "resumed" if resume else "finished"
+        print(f"{header}: {outcomes[run_dir]}" + (f" (exit code {code})" if code else "")
+              + f" after {(time.time() - started) / 60:.1f} min", flush=True)
+
+    print("\nsweep summary:\n" + "\n".join(f"  {outcome:9s} {run_dir}" for run_dir, outcome in outcomes.items()))
+    done = [run_dir for run_dir, outcome in outcomes.items() if outcome != "failed"]
+    if done:
+        written = write_results(find_runs(done), args.out)
+        print(f"results: {', '.join(sorted({str(path.parent) for path in written}))}")
+    return outcomes
+
+
+def cli(argv: list[str]) -> None:
+    if "failed" in main(argv).values():
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(cli)
