@@ -87,7 +87,7 @@ def sample_reviews(args) -> tuple[list[str], list[int]]:
     n = min(len(reviews), args.batch_size * max(WindowBatchSampler.GROUP_WINDOWS, args.warmup + args.steps))
     rows = np.random.default_rng(args.seed).choice(len(reviews), n, replace=False)
     picked = reviews.select(rows)
-    return picked["text"], picked["label"]
+    return picked["text"][:], picked["label"][:]
 
 
 class Timer:
@@ -145,7 +145,7 @@ def run_this_project(args, texts, labels, path, device, precision, compiled: boo
         args.warmup = max(args.warmup, 3)
     rows = tokenize(datasets.Dataset.from_dict({"text": texts, "label": labels}), tokenizer, args.max_length,
                     model.input_names)
-    sampler = WindowBatchSampler(rows["length"], args.batch_size, 1, args.seed)
+    sampler = WindowBatchSampler(rows["length"][:], args.batch_size, 1, args.seed)
     sampler.set_epoch(1)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
     stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, len(sampler)), device, precision, 1.0)

@@ -51,14 +51,18 @@ def read_texts(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"--file {path}: no such file")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")  # -sig: also files saved as "CSV UTF-8" with a byte-order mark
     except UnicodeDecodeError as err:
         raise UserError(f"--file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if path.suffix == ".txt":
-        return [line for line in content.splitlines() if line.strip()]
-    if path.suffix == ".csv":
-        records = list(csv.DictReader(content.splitlines(keepends=True)))
-    elif path.suffix == ".jsonl":
+    kind = path.suffix.lower()
+    if kind == ".txt":  # only newlines end a review (str.splitlines would also split at form feeds and the like)
+        return [line.rstrip("\r") for line in content.split("\n") if line.strip()]
+    if kind == ".csv":
+        table = csv.DictReader(io.StringIO(content, newline=""))
+        if "text" not in (table.fieldnames or []):
+            raise UserError(f"--file {path}: no `text` column; found {', '.join(table.fieldnames or ['none'])}")
+        records = list(table)
+    elif kind == ".jsonl":
         records = []
         for number, line in enumerate(content.splitlines(), 1):
             try:
@@ -67,16 +71,15 @@ def read_texts(path: Path) -> list[str]:
                 raise UserError(f"--file {path}: line {number} is not JSON ({err.msg})") from None
     else:
         raise UserError(f"--file {path}: unknown file type {path.suffix or '(none)'}; use .txt, .csv or .jsonl")
-    missing = next((i for i, r in enumerate(records, 1) if not isinstance(r, dict) or not isinstance(r.get("text"), str)),
-                   None)
-    if missing is not None:
-        raise UserError(f"--file {path}: record {missing} has no `text` value; each record needs a text column")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"--file {path}: record {number} has no `text` value; each record needs a text column")
     return [r["text"] for r in records]
 
 
 def write_predictions(path: Path, texts: list[str], predictions: list[tuple[str, float]]) -> None:
     records = [{"text": t, "label": label, "probability": round(p, 4)} for t, (label, p) in zip(texts, predictions)]
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     else:
         table = io.StringIO()
@@ -99,13 +102,16 @@ def main(argv=None) -> list[tuple[str, float]]:
         raise UserError(f"{args.run} is not a run directory (no config.yaml)")
     if not (args.run / "metrics.json").is_file():
         raise UserError(f"{args.run} has not finished training (no metrics.json); finish it with --resume first")
-    if args.out is not None and args.out.suffix not in (".csv", ".jsonl"):
+    if args.out is not None and args.out.suffix.lower() not in (".csv", ".jsonl"):
         raise UserError(f"--out {args.out}: use a .csv or .jsonl file name")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive integer")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
     texts = args.texts + (read_texts(args.file) if args.file else [])
     if not texts:
-        raise UserError("no reviews given: pass them as arguments or with --file")
+        raise UserError(f"--file {args.file} holds no reviews" if args.file else
+                        "no reviews given: pass them as arguments or with --file")
 
     cfg = load_config(args.run / "config.yaml")
     device = pick_device("auto")

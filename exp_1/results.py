@@ -1,6 +1,6 @@
 """Plots and tables of finished runs, generated from their run directories, so they cannot disagree with the runs.
 
-    python exp_1/results.py                            # every finished run under runs/
+    python exp_1/results.py                            # every finished run in runs/
     python exp_1/results.py runs/exp2_eb64 runs/exp2_eb256 --out training_results
 
 Runs are grouped by experiment (the folder of the script that trained them: exp_1 or exp_2). Each experiment gets
@@ -23,8 +23,16 @@ from exp_1.config import CliParser, UserError
 from exp_1.utils import run_cli, write_atomic
 
 PROJECT = Path(__file__).resolve().parents[1]
-COLUMNS = ["run", "model", "effective batch", "epochs", "lr", "test loss", "test accuracy", "test F1", "wall time",
-           "train samples/s", "device"]
+METRICS = ["script", "model", "effective_batch_size", "epochs", "optimizer_steps", "lr", "test_loss", "test_accuracy", "test_f1",
+           "wall_seconds", "train_samples_per_s", "device", "precision", "num_processes"]  # what results use
+COLUMNS = ["run", "model", "effective batch", "epochs", "optimizer steps", "lr", "test loss", "test accuracy",
+           "test F1", "wall time", "train samples/s", "device"]
+SMOOTHING = 25  # a train-loss curve is a moving average over 1/25 of its run's steps
+PLOTS = [  # file, history key, title, x label, y label
+    ("val_loss.png", "val/loss", "Validation loss after each epoch", "epoch", "cross-entropy loss (nats)"),
+    ("val_accuracy.png", "val/accuracy", "Validation accuracy after each epoch", "epoch", "accuracy (%)"),
+    ("train_loss.png", "train/loss", "Training loss per optimizer step", "optimizer step", "cross-entropy loss (nats)"),
+]
 
 
 @dataclass
@@ -35,11 +43,12 @@ class Run:
 
     @property
     def experiment(self) -> str:
-        return Path(self.metrics.get("script", "other/")).parts[0]
+        return Path(self.metrics["script"]).parts[0]  # exp_1 or exp_2
 
     @property
     def label(self) -> str:
-        return f"{self.metrics['model'].rstrip('/').split('/')[-1]}, effective batch {self.metrics['effective_batch_size']}"
+        model = self.metrics["model"].rstrip("/").split("/")[-1]
+        return f"{model}, effective batch {self.metrics['effective_batch_size']}"
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of a logged value: per epoch for val/*, per optimizer step for train/*."""
@@ -49,25 +58,37 @@ class Run:
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Finished runs (with metrics.json) at or directly under each path, in name order."""
+    """Finished runs (with metrics.json): each path that is a run directory, and those directly in each other path."""
     runs = []
     for path in paths:
         if not path.is_dir():
             raise UserError(f"{path}: no such folder; pass run directories or folders of them (default: runs)")
+        if (path / "config.yaml").is_file() and not (path / "metrics.json").is_file():
+            print(f"skipped {path}: not finished (no metrics.json)")
         folders = [path] if (path / "config.yaml").is_file() else sorted(p for p in path.iterdir() if p.is_dir())
-        for folder in folders:
-            if (folder / "metrics.json").is_file():
-                history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line]
-                runs.append(Run(folder, json.loads((folder / "metrics.json").read_text()), history))
+        runs += [read_run(folder) for folder in folders if (folder / "metrics.json").is_file()]
     return runs
+
+
+def read_run(folder: Path) -> Run:
+    files = {name: folder / name for name in ("metrics.json", "history.jsonl")}
+    try:
+        history = [json.loads(line) for line in files["history.jsonl"].read_text().splitlines() if line]
+        metrics = json.loads(files["metrics.json"].read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder}: cannot read its run files ({type(err).__name__}: {err})") from None
+    missing = [key for key in METRICS if key not in metrics]
+    if missing:
+        raise UserError(f"{files['metrics.json']} lacks {', '.join(missing)}; was it written by this project?")
+    return Run(folder, metrics, history)
 
 
 def table(runs: list[Run]) -> str:
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for run in runs:
         m = run.metrics
-        cells = [run.path.name, m["model"], m["effective_batch_size"], m["epochs"], f"{m['lr']:.3g}",
-                 f"{m['test_loss']:.4f}", f"{m['test_accuracy']:.4f}", f"{m['test_f1']:.4f}",
+        cells = [run.path.name, m["model"], m["effective_batch_size"], m["epochs"], m["optimizer_steps"],
+                 f"{m['lr']:.3g}", f"{m['test_loss']:.4f}", f"{m['test_accuracy']:.4f}", f"{m['test_f1']:.4f}",
                  f"{m['wall_seconds'] / 60:.1f} min", f"{m['train_samples_per_s']:.1f}",
                  f"{m['device']} {m['precision']}" + (f" x{m['num_processes']}" if m["num_processes"] > 1 else "")]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -91,27 +112,20 @@ def plot(runs: list[Run], key: str, title: str, xlabel: str, ylabel: str, path: 
         else:  # per-step losses are noisy: the raw values faintly, a moving average over them
             window = max(1, len(y) // SMOOTHING)
             axes.plot(x, y, color=color, alpha=0.2, linewidth=0.8)
-            axes.plot(x[window - 1:], np.convolve(y, np.ones(window) / window, "valid"), color=color, label=label)
+            axes.plot(x[window - 1:], np.convolve(y, np.ones(window) / window, "valid"), color=color,
+                      label=label + (f" (mean of {window} steps)" if window > 1 else ""))
     if key.startswith("val/"):  # whole epochs only, also when there is just one
         epochs = sorted({int(e) for run in runs for e in run.series(key)[0]})
         axes.set_xticks(epochs)
         axes.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     else:
-        title += f"\n(lines: moving average over 1/{SMOOTHING} of each run's steps; faint: every step)"
+        title += "\n(faint: every step)"
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp)
     tmp.replace(path)
-
-
-SMOOTHING = 25  # a train-loss curve averages over 1/25 of its run's steps
-PLOTS = [  # file, history key, title, x label, y label
-    ("val_loss.png", "val/loss", "Validation loss after each epoch", "epoch", "cross-entropy loss (nats)"),
-    ("val_accuracy.png", "val/accuracy", "Validation accuracy after each epoch", "epoch", "accuracy (%)"),
-    ("train_loss.png", "train/loss", "Training loss per optimizer step", "optimizer step", "cross-entropy loss (nats)"),
-]
 
 
 def write_results(runs: list[Run], out: Path) -> list[Path]:
@@ -124,10 +138,10 @@ def write_results(runs: list[Run], out: Path) -> list[Path]:
         for name, key, title, xlabel, ylabel in PLOTS:
             plot(group, key, f"{experiment}: {title}", xlabel, ylabel, folder / name, percent="accuracy" in key)
             written.append(folder / name)
-        sources = " ".join(str(_relative(run.path)) for run in group)
-        readme = (f"# {experiment} results\n\nGenerated on {time.strftime('%Y-%m-%d')} from {len(group)} finished "
-                  f"run(s) by `python exp_1/results.py {sources}`; do not edit by hand. Test metrics are those of "
-                  "each run's best epoch on its held-out test split; wall time is the run's last session.\n\n"
+        sources = ", ".join(f"`{_relative(run.path)}`" for run in group)
+        readme = (f"# {experiment} results\n\nGenerated by `exp_1/results.py` on {time.strftime('%Y-%m-%d')} from "
+                  f"{len(group)} finished run(s): {sources}. Do not edit by hand. Test metrics are those of each "
+                  "run's best epoch on its held-out test split; wall time is the run's last session.\n\n"
                   f"{table(group)}\n\n" + "".join(f"![{title}]({name})\n\n" for name, _, title, _, _ in PLOTS))
         write_atomic(folder / "README.md", readme)
         written.append(folder / "README.md")
@@ -149,7 +163,7 @@ def main(argv=None) -> list[Path]:
     if not runs:
         raise UserError(f"no finished runs (with metrics.json) in {', '.join(map(str, args.paths))}")
     written = write_results(runs, args.out)
-    print(f"{len(runs)} run(s) -> {', '.join(str(_relative(f.parent)) for f in written[::len(PLOTS) + 1])}")
+    print(f"{len(runs)} run(s) -> {', '.join(sorted({str(_relative(f.parent)) for f in written}))}")
     return written
 
 

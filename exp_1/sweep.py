@@ -2,8 +2,8 @@
 
     python exp_1/sweep.py configs/bert.yaml configs/modernbert.yaml
     python exp_1/sweep.py --script exp_2/main.py configs/exp2_eb64.yaml configs/exp2_eb256.yaml configs/exp2_eb1024.yaml
-    python exp_1/sweep.py --script exp_2/main_accelerate.py --launcher "accelerate launch --multi_gpu --num_processes 8" \\
-        configs/exp2_eb64.yaml configs/exp2_eb256.yaml configs/exp2_eb1024.yaml
+    python exp_1/sweep.py --script exp_2/main_accelerate.py \\
+        --launcher "accelerate launch --multi_gpu --num_processes 8" configs/exp2_eb64.yaml configs/exp2_eb1024.yaml
 
 key=value overrides apply to every config (e.g. output_dir=runs/demo data.max_train_samples=2000). Each run is its
 own process. A run that already finished (metrics.json in its run directory) is skipped, an interrupted one resumes
@@ -13,6 +13,7 @@ from its resume point, and a run that fails is reported while the sweep goes on;
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,23 +31,32 @@ def main(argv=None) -> dict[Path, str]:
     p = CliParser(description=__doc__.splitlines()[0])
     p.add_argument("items", nargs="+", metavar="config.yaml | key=value", help="configs to run, and overrides for all")
     p.add_argument("--script", choices=SCRIPTS, default=SCRIPTS[0], help="entry script (default: exp_1/main.py)")
-    p.add_argument("--launcher", default=sys.executable,
-                   help='command that runs the script, e.g. "accelerate launch --num_processes 2" (default: python)')
+    p.add_argument("--launcher", help='what runs exp_2/main_accelerate.py, e.g. "accelerate launch --multi_gpu '
+                   '--num_processes 8" (default: this python)')
     p.add_argument("--out", type=Path, default=PROJECT / "training_results", help="default: training_results/")
     args = p.parse_intermixed_args(argv)
     overrides = [item for item in args.items if "=" in item]
     configs = [Path(item) for item in args.items if "=" not in item]
     if not configs:
         raise UserError("no config given: list the YAML files to run, e.g. configs/bert.yaml configs/modernbert.yaml")
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    if args.launcher and args.script != "exp_2/main_accelerate.py":
+        raise UserError(f"--launcher starts exp_2/main_accelerate.py; {args.script} would train once per process")
+    if not shutil.which(launcher[0]):
+        raise UserError(f"--launcher: {launcher[0]} not found; is it installed and on PATH?")
 
     runs: dict[Path, Path] = {}  # run directory -> config; every config is checked before anything runs
     for config in configs:
         cfg = load_config(config, overrides)
-        run_dir = Path(cfg.output_dir) / cfg.name
-        if run_dir in runs:
-            raise UserError(f"{runs[run_dir]} and {config} both write to {run_dir}; give them different names "
-                            "(name= in the config)")
-        runs[run_dir] = config
+        run = RunDir(Path(cfg.output_dir) / cfg.name)
+        if run.path.resolve() in {r.resolve() for r in runs}:
+            raise UserError(f"two configs write to {run.path}; give them different names (name= in the config)")
+        if (run.path / "metrics.json").is_file() or run.resume_point() is not None:  # to be skipped or resumed
+            changed = run.config_changes(cfg)
+            if changed:
+                raise UserError(f"{run.path} was run with another config (it differs in {', '.join(changed)}); "
+                                "sweep into another output_dir= or remove that run")
+        runs[run.path] = config
 
     outcomes = {}
     for number, (run_dir, config) in enumerate(runs.items(), 1):
@@ -55,11 +65,14 @@ def main(argv=None) -> dict[Path, str]:
             print(f"{header}: finished before, skipped", flush=True)
             outcomes[run_dir] = "skipped"
             continue
-        resume = RunDir(run_dir).resume_point() is not None
-        print(f"{header}{': resuming' if resume else ''}", flush=True)
+        run = RunDir(run_dir)
+        resume = run.resume_point() is not None
+        restart = not resume and run.has_results()  # stopped before its first resume point: nothing to continue
+        print(header + (": resuming" if resume else ": restarting (no resume point yet)" if restart else ""),
+              flush=True)
         started = time.time()
-        command = [*shlex.split(args.launcher), str(PROJECT / args.script), "--config", str(config), *overrides,
-                   *(["--resume"] if resume else [])]
+        command = [*launcher, str(PROJECT / args.script), "--config", str(config), *overrides,
+                   *(["--resume"] if resume else ["--overwrite"] if restart else [])]
         code = subprocess.run(command).returncode
         outcomes[run_dir] = "failed" if code else "resumed" if resume else "finished"
         print(f"{header}: {outcomes[run_dir]}" + (f" (exit code {code})" if code else "")

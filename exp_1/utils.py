@@ -111,7 +111,7 @@ class RunDir:
             if run.resume_point() is None:
                 raise UserError(f"--resume: {run.path} has no resume point yet (one is saved after each epoch and every "
                                 "checkpoint.every_steps steps); start it again with --overwrite")
-            changed = _changed_keys(yaml.safe_load((run.path / "config.yaml").read_text()), to_plain_dict(cfg))
+            changed = run.config_changes(cfg)
             if changed:
                 raise UserError(f"--resume: the config differs from {run.path / 'config.yaml'} in {', '.join(changed)}; "
                                 "resume with the run's own config")
@@ -126,6 +126,10 @@ class RunDir:
             shutil.rmtree(self.path)
         self.checkpoints.mkdir(parents=True)
         write_atomic(self.path / "config.yaml", yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
+
+    def config_changes(self, cfg: DictConfig) -> list[str]:
+        """The keys in which `cfg` differs from the config this run was started with."""
+        return _changed_keys(yaml.safe_load((self.path / "config.yaml").read_text()), to_plain_dict(cfg))
 
     def has_results(self) -> bool:
         return (self.history.exists() or (self.path / "metrics.json").exists()

@@ -1,9 +1,9 @@
-"""The throughput benchmark runs end to end (tiny model, a few steps) and reports every variant against ours."""
+"""The benchmarks run end to end on a tiny model and report what they measure."""
 
 import subprocess
 import sys
 
-from conftest import PROJECT
+from conftest import PROJECT, tiny_config
 
 
 def test_benchmark_smoke(tiny_bert, reviews_dir):
@@ -18,3 +18,13 @@ def test_benchmark_smoke(tiny_bert, reviews_dir):
     assert rows[0].endswith("| 1.00x |")
     original_padding = float(rows[3].split(" | ")[4])
     assert float(rows[0].split(" | ")[4]) > original_padding  # dynamic padding beats padding to max_length
+
+
+def test_first_step_benchmark_smoke(tmp_path, tiny_bert, reviews_dir):
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir)
+    result = subprocess.run([sys.executable, str(PROJECT / "bench" / "first_step.py"), "--starts", "2", "--config",
+                             str(config)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    later = result.stdout.split("later starts: ")[1].split(" s;")[0]
+    assert 0 < float(later) < 300 and "first start (may tokenise):" in result.stdout
+    assert not (tmp_path / "runs").exists()  # its runs go to a temporary folder

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def test_results_writes_valid_plots_and_tables_that_match_each_runs_metrics(fini
             assert row["model"] == metrics["model"]
             assert int(row["effective batch"]) == metrics["effective_batch_size"]
             assert int(row["epochs"]) == metrics["epochs"]
+            assert int(row["optimizer steps"]) == metrics["optimizer_steps"]
             assert float(row["lr"]) == metrics["lr"]
             for column, key in (("test loss", "test_loss"), ("test accuracy", "test_accuracy"), ("test F1", "test_f1")):
                 assert float(row[column]) == round(metrics[key], 4), (name, column)
@@ -93,6 +95,18 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
     assert "skipped   " in capfd.readouterr().out
     assert (tmp_path / "runs" / "first" / "metrics.json").stat().st_mtime_ns == finished_at
 
+    # interrupted runs: one with a resume point continues from it, one stopped before its first restarts
+    (tmp_path / "runs" / "first" / "metrics.json").unlink()
+    (tmp_path / "runs" / "third" / "metrics.json").unlink()
+    shutil.rmtree(tmp_path / "runs" / "third" / "checkpoints" / "resume")
+    assert sweep.main([configs[0], configs[2], "--out", str(out), "seed=3"]) == {
+        tmp_path / "runs" / "first": "resumed", tmp_path / "runs" / "third": "finished"}
+    assert "third: restarting (no resume point yet)" in capfd.readouterr().out
+
+    # a finished run is only skipped for the config it was run with
+    with pytest.raises(UserError, match=r"runs/first was run with another config \(it differs in seed\)"):
+        sweep.main([configs[0], "--out", str(out), "seed=4"])
+
 
 def test_predict_gives_the_evaluations_predictions_for_the_test_reviews(finished, tmp_path):
     run = finished / "bert_b8"
@@ -116,13 +130,15 @@ def test_predict_gives_the_evaluations_predictions_for_the_test_reviews(finished
     assert [label for label, _ in one_by_one] == [label for label, _ in predicted[:5]]
     assert [p for _, p in one_by_one] == pytest.approx([p for _, p in predicted[:5]], abs=1e-5)
     (tmp_path / "five.txt").write_text("\n".join(texts[:5]) + "\n")
-    (tmp_path / "five.csv").write_text("id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(texts[:5])))
+    (tmp_path / "five.csv").write_text("id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(texts[:5])),
+                                       encoding="utf-8-sig")  # with the byte-order mark that Excel writes
     for file in ("five.txt", "five.csv"):
         assert predict.main([str(run), "--file", str(tmp_path / file)]) == predict.main([str(run), *texts[:5]])
 
 
 @pytest.mark.parametrize("case", ["missing run", "unfinished run", "missing file", "broken jsonl", "csv without text",
-                                  "not utf-8", "unknown file type", "no reviews"])
+                                  "jsonl without text", "not utf-8", "unknown file type", "empty file", "no reviews",
+                                  "missing output folder"])
 def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -131,16 +147,21 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
     (tmp_path / "notext.csv").write_text("review,stars\ngood,5\n")
     (tmp_path / "latin1.txt").write_bytes("très bon film".encode("latin-1"))
     (tmp_path / "reviews.docx").write_text("x")
+    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"review": "no text key"}\n')
+    (tmp_path / "empty.txt").write_text("\n\n")
     run = str(finished / "bert_b8")
     argv, expected = {
         "missing run": ([str(tmp_path / "nope"), "good"], "is not a run directory"),
         "unfinished run": ([str(unfinished), "good"], "has not finished training (no metrics.json)"),
         "missing file": ([run, "--file", str(tmp_path / "gone.txt")], "gone.txt: no such file"),
         "broken jsonl": ([run, "--file", str(tmp_path / "broken.jsonl")], "line 2 is not JSON"),
-        "csv without text": ([run, "--file", str(tmp_path / "notext.csv")], "record 1 has no `text` value"),
+        "csv without text": ([run, "--file", str(tmp_path / "notext.csv")], "no `text` column; found review, stars"),
+        "jsonl without text": ([run, "--file", str(tmp_path / "notext.jsonl")], "record 2 has no `text` value"),
         "not utf-8": ([run, "--file", str(tmp_path / "latin1.txt")], "not UTF-8 text"),
         "unknown file type": ([run, "--file", str(tmp_path / "reviews.docx")], "unknown file type .docx"),
+        "empty file": ([run, "--file", str(tmp_path / "empty.txt")], "empty.txt holds no reviews"),
         "no reviews": ([run], "no reviews given"),
+        "missing output folder": ([run, "good", "--out", str(tmp_path / "no" / "p.csv")], "folder"),
     }[case]
     monkeypatch.setattr(sys, "argv", ["predict.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
