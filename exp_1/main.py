@@ -12,7 +12,7 @@ import time
 
 from omegaconf import DictConfig
 
-from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, load_config, parse_args, scaled_lr, to_plain_dict
+from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, load_config, parse_args, scaled_lr
 from exp_1.data import make_loaders, prepare_data
 from exp_1.model import load_model, load_weights, save_pretrained_parts
 from exp_1.train import (Checkpoints, Progress, Stepper, build_optimizer, build_scheduler, describe, evaluate,
@@ -63,7 +63,6 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # tracking and checkpoints
     logger = RunLogger(run, cfg)
     logger.start()
-    logger.store_init_configuration(to_plain_dict(cfg))
     checkpoints = Checkpoints(run, cfg.checkpoint.best_metric)
 
     layout = {"script": "plain", "processes": 1, "accum_steps": accum_steps}

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +22,7 @@ import torch
 import yaml
 from accelerate.tracking import GeneralTracker
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from exp_1.config import TrainingStopped, UserError, to_plain_dict
 
@@ -168,7 +170,8 @@ class RunLogger(GeneralTracker):
     """history.jsonl plus WandB, as an Accelerate tracker (so `accelerator.log` drives it on the main process).
 
     WandB is best effort: no account, no network or a failing service never stops or stalls training; the run then
-    lands offline in run_dir/wandb, for `wandb sync` later.
+    lands offline in run_dir/wandb, for `wandb sync` later. It starts in a background thread, since its import and
+    start take over a second that training need not wait for; the first WandB call waits for it.
     """
 
     name = "run_logger"
@@ -179,12 +182,19 @@ class RunLogger(GeneralTracker):
         self.history_path = run.history
         self.run_dir, self.cfg = run.path, cfg
         self.wandb_run = None
+        self._starting: Optional[threading.Thread] = None
+        self._started_message = ""
 
     @property
     def tracker(self):
-        return self.wandb_run
+        return self._wandb()
 
     def start(self) -> None:
+        """Starts WandB with the run's config; `store_init_configuration` is only needed for other values."""
+        self._starting = threading.Thread(target=self._start_wandb, name="wandb-start", daemon=True)
+        self._starting.start()
+
+    def _start_wandb(self) -> None:
         mode = resolve_wandb_mode(self.cfg.tracking.wandb_mode)
         if mode == "disabled":
             return
@@ -194,18 +204,27 @@ class RunLogger(GeneralTracker):
 
                 self.wandb_run = wandb.init(
                     project=self.cfg.tracking.wandb_project, entity=self.cfg.tracking.wandb_entity,
-                    name=self.cfg.name, dir=str(self.run_dir), mode=attempt,
+                    name=self.cfg.name, dir=str(self.run_dir), mode=attempt, config=to_plain_dict(self.cfg),
                     settings=wandb.Settings(init_timeout=30, silent=True),
                 )
             except Exception as err:  # wandb raises many types; none of them may stop training
                 self._wandb_failed(err)
                 continue
-            print(f"WandB: {attempt} run in {self.run_dir / 'wandb'}"
-                  + (" (upload it later with `wandb sync`)" if attempt == "offline" else ""))
+            self._started_message = (f"WandB: {attempt} run in {self.run_dir / 'wandb'}"
+                                     + (" (upload it later with `wandb sync`)" if attempt == "offline" else ""))
             return
 
+    def _wandb(self):
+        """The WandB run once its start has finished; None when disabled or unavailable."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+            if self._started_message:
+                tqdm.write(self._started_message)  # above a progress bar, not through it
+        return self.wandb_run
+
     def store_init_configuration(self, values: dict) -> None:
-        if self.wandb_run is not None:
+        if self._wandb() is not None:
             with self._guard():
                 self.wandb_run.config.update(values)
 
@@ -213,17 +232,17 @@ class RunLogger(GeneralTracker):
         record = {"step": step, **values, "time": round(time.time(), 3)}
         with self.history_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
+        if self._wandb() is not None:
             with self._guard():
                 self.wandb_run.log(values, step=step)
 
     def summary(self, values: dict) -> None:
-        if self.wandb_run is not None:
+        if self._wandb() is not None:
             with self._guard():
                 self.wandb_run.summary.update(values)
 
     def finish(self) -> None:
-        if self.wandb_run is not None:
+        if self._wandb() is not None:
             with self._guard():
                 self.wandb_run.finish()
             self.wandb_run = None

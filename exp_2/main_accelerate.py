@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig
 
-from exp_1.config import CONFIG_DIR, grad_accum_steps, load_config, parse_args, scaled_lr, to_plain_dict
+from exp_1.config import CONFIG_DIR, grad_accum_steps, load_config, parse_args, scaled_lr
 from exp_1.data import make_loaders, prepare_data
 from exp_1.model import load_model, load_weights, model_inputs, save_pretrained_parts, weighted_loss
 from exp_1.train import (Checkpoints, Progress, build_optimizer, build_scheduler, describe, evaluate, final_metrics,
@@ -97,7 +97,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
                                accum_steps, accelerator.num_processes, lr))
 
     # tracking and checkpoints (files on the main process only)
-    accelerator.init_trackers(cfg.tracking.wandb_project, to_plain_dict(cfg))
+    accelerator.init_trackers(cfg.tracking.wandb_project)  # the logger sends the run's config when WandB starts
     checkpoints = Checkpoints(run, cfg.checkpoint.best_metric, write=is_main)
 
     layout = {"script": "accelerate", "processes": accelerator.num_processes, "accum_steps": accum_steps}
@@ -134,11 +134,13 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     test = evaluate(model, test_loader, accelerator.device, gather=accelerator.gather_for_metrics)
     metrics = final_metrics(cfg, test, checkpoints, progress, effective_batch_size=loaders.sampler.effective_batch,
                             num_processes=accelerator.num_processes, lr=lr, script="exp_2/main_accelerate.py",
-                            device=accelerator.device.type, precision=precision, wall_seconds=round(time.time() - started, 2))
+                            device=accelerator.device.type, precision=precision,
+                            wall_seconds=round(time.time() - started, 2))
     accelerator.log({f"test/{k}": v for k, v in test.items()}, step=progress.step)
     if is_main:
         run.write_json("metrics.json", metrics)
         logger.summary(metrics)
+    accelerator.wait_for_everyone()  # no process tears the process group down while another still writes or logs
     accelerator.end_training()
     accelerator.print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on "
                       f"{test['n']} reviews (best epoch {checkpoints.best_epoch}); results in {run.path}")
