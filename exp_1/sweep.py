@@ -87,7 +87,12 @@ def main(argv=None) -> dict[Path, str]:
 
 
 def cli(argv: list[str]) -> None:
-    if "failed" in main(argv).values():
+    try:
+        outcomes = main(argv)
+    except KeyboardInterrupt:
+        print("\nsweep interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
+    if "failed" in outcomes.values():
         sys.exit(1)
 
 

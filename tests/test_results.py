@@ -66,11 +66,21 @@ def test_results_writes_valid_plots_and_tables_that_match_each_runs_metrics(fini
     assert (out / "elsewhere" / "README.md").read_text() == "another experiment's results"
 
 
-def test_results_names_a_missing_folder_and_an_empty_one(tmp_path):
+def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_path):
     with pytest.raises(UserError, match="no-such-runs: no such folder"):
         results.main([str(tmp_path / "no-such-runs")])
     with pytest.raises(UserError, match="no finished runs"):
         results.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("name: foreign\n")
+    (foreign / "history.jsonl").write_text("")
+    (foreign / "metrics.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(UserError, match="metrics.json lacks script, model"):
+        results.main([str(foreign), "--out", str(tmp_path / "out")])
+    (foreign / "history.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="foreign: cannot read its run files"):
+        results.main([str(foreign), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
