@@ -6,7 +6,6 @@ Every mistake a user can make in a config (unknown key, wrong type, value out of
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -17,16 +16,23 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+PROJECT_NAME = "imdb-grad-accum"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and CUDA's generators take no more
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line and exit code 2, never as a traceback."""
 
 
-class TrainingStopped(Exception):
-    """Training cannot go on (e.g. the loss is no longer finite): one line, exit code 1, checkpoints kept."""
+class RunStopped(Exception):
+    """The run stopped before its end (a diverging loss, a full disk, a signal, a lost peer process): one line, its own
+    exit code, and every file saved before kept usable."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -44,6 +50,7 @@ class ModelConfig:
 class DataConfig:
     path: str = "stanfordnlp/imdb"  # hub dataset id or local folder
     split: List[float] = field(default_factory=lambda: [9.0, 1.0, 1.0])  # train:validation:test weights
+    split_seed: int = 42  # draws the split (and subsets): runs with other training seeds share one test set
     max_length: int = 512
     truncation: str = "head"  # head | tail | head_tail: which tokens of a long review to keep (see README)
     max_train_samples: Optional[int] = None
@@ -51,7 +58,7 @@ class DataConfig:
     max_test_samples: Optional[int] = None
     group_by_length: bool = True  # batches of similar length: far less padding, same samples per optimizer step
     pad_to_multiple_of: Optional[int] = None  # null: 64 on GPUs (few distinct shapes), none on CPU
-    num_workers: int = 0  # DataLoader workers; collation is light, 0 is fine on CPU
+    num_workers: int = 0  # DataLoader worker processes; collation is light, 0 is fine on CPU
 
 
 @dataclass
@@ -72,6 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     log_every: int = 1  # optimizer steps per logged train loss (the mean over them)
     compile: bool = False  # torch.compile the model: pays a compile at the start (and per new shape) for faster steps
+    peer_timeout: int = 900  # seconds: several processes end the run when one stops answering for this long
 
 
 @dataclass
@@ -82,16 +90,20 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb_project: str = "imdb-grad-accum"
-    wandb_entity: Optional[str] = None
-    wandb_mode: str = "auto"  # auto | online | offline | disabled
+    # Unset (null) keys fall back to WandB's environment variables, then to the defaults named here.
+    wandb_mode: Optional[str] = None  # auto | online | offline | disabled; null: $WANDB_MODE, else auto
+    wandb_project: Optional[str] = None  # null: $WANDB_PROJECT, else imdb-grad-accum
+    wandb_entity: Optional[str] = None  # null: $WANDB_ENTITY, else your default entity
+    group: Optional[str] = None  # null: $WANDB_RUN_GROUP; exp_1/sweep.py passes its sweep's name
+    tags: List[str] = field(default_factory=list)  # added to the automatic model / effective batch / seed tags; [] adds $WANDB_TAGS
+    log_model: Optional[str] = None  # best: upload the best checkpoint and model/ as a WandB artifact at the end
 
 
 @dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"  # the run directory is output_dir/name
-    seed: int = 42
+    seed: int = 42  # model initialisation, data order and dropout (the split has data.split_seed)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -108,34 +120,14 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "checkpoint.best_metric": ("accuracy", "f1", "loss"),
-    "tracking.wandb_mode": ("auto", "online", "offline", "disabled"),
+    "tracking.wandb_mode": (None, "auto", "online", "offline", "disabled"),
+    "tracking.log_model": (None, "best"),
 }
 POSITIVE_INTS = ("data.max_length", "train.batch_size", "train.grad_accum_steps", "train.epochs",
-                 "train.log_every", "train.lr_reference_batch")
+                 "train.log_every", "train.lr_reference_batch", "train.peer_timeout")
 OPTIONAL_POSITIVE_INTS = ("data.max_train_samples", "data.max_val_samples", "data.max_test_samples",
                           "data.pad_to_multiple_of", "train.effective_batch_size", "checkpoint.every_steps")
 FRACTIONS = ("model.dropout", "model.encoder_dropout", "model.attention_dropout", "train.warmup_ratio")
-
-
-class CliParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, like every other input error
-        raise UserError(f"{message} (see --help)")
-
-
-def parse_args(argv: Optional[List[str]], description: str, default_config: Optional[Path]) -> argparse.Namespace:
-    parser = CliParser(
-        description=description,
-        epilog="Overrides use OmegaConf dotlist style, e.g. train.lr=3e-5 data.path=../shared/data/imdb. "
-        "Every key is listed, with its default, in exp_1/config.py.",
-    )
-    parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
-                        help=f"YAML config file (default: {default_config})" if default_config else "YAML config file")
-    runs = parser.add_mutually_exclusive_group()
-    runs.add_argument("--resume", action="store_true",
-                      help="continue the run output_dir/name from its latest resume point (same config)")
-    runs.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_intermixed_args(argv)
 
 
 def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
@@ -155,6 +147,10 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
             raise UserError(f"{source}: {err.full_key}: {_first_line(err)}") from None
         except OmegaConfBaseException as err:
             raise UserError(f"{source}: {_first_line(err)}") from None
+    try:  # ${...} interpolations become values now, so a bad one is named here rather than failing mid-run
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{err.full_key or 'config'}: cannot resolve it ({_first_line(err)})") from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -184,31 +180,53 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
 
 
 def validate(cfg: DictConfig) -> None:
+    for key, value in _leaves(to_plain_dict(cfg)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} must be a finite number")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            names = ", ".join(str(a) for a in allowed if a is not None) + (" or null" if None in allowed else "")
+            raise UserError(f"{key}={value!r} is not one of {names}")
     for key in POSITIVE_INTS + OPTIONAL_POSITIVE_INTS:
         value = OmegaConf.select(cfg, key)
         if value is None and key in OPTIONAL_POSITIVE_INTS:
             continue
         if value < 1:
             raise UserError(f"{key}={value} must be a positive integer" + (" or null" if key in OPTIONAL_POSITIVE_INTS else ""))
+    for key in ("seed", "data.split_seed"):
+        if not 0 <= OmegaConf.select(cfg, key) <= MAX_SEED:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be between 0 and {MAX_SEED}")
+    if cfg.data.num_workers < 0:
+        raise UserError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in the training process) or more")
     for key in FRACTIONS:
         value = OmegaConf.select(cfg, key)
         if value is not None and not 0 <= value < 1:
             raise UserError(f"{key}={value} must be in [0, 1)")
-    if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):
+    if not cfg.train.lr > 0:
         raise UserError(f"train.lr={cfg.train.lr} must be a positive number")
     if cfg.train.weight_decay < 0:
         raise UserError(f"train.weight_decay={cfg.train.weight_decay} must be >= 0")
     if cfg.train.max_grad_norm is not None and cfg.train.max_grad_norm <= 0:
         raise UserError(f"train.max_grad_norm={cfg.train.max_grad_norm} must be positive, or null to disable clipping")
     weights = list(cfg.data.split)
-    if len(weights) != 3 or any(w < 0 for w in weights) or min(weights[0], weights[1], weights[2]) <= 0:
+    if len(weights) != 3 or min(weights) <= 0:
         raise UserError(f"data.split={weights} must be three positive train:validation:test weights, e.g. [9, 1, 1]")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", "..") or cfg.name.startswith("~"):
         raise UserError(f"name={cfg.name!r} must be a plain folder name (it becomes output_dir/name)")
+    if not cfg.output_dir:
+        raise UserError("output_dir is empty; give the folder that holds run directories, e.g. output_dir=runs")
+
+
+def _leaves(values: dict, prefix: str = ""):
+    """(dotted key, value) of every scalar in a nested config, list items included."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            yield from ((f"{prefix}{key}[{i}]", item) for i, item in enumerate(value))
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _unknown_key_message(err: ConfigKeyError, source: str) -> str:

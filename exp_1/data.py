@@ -49,6 +49,7 @@ def load_reviews(path: str) -> datasets.Dataset:
         loaded = datasets.load_dataset(str(folder) if looks_local else path)
     except Exception as err:  # datasets raises many error types for a missing hub or folder content
         if looks_local:
+            _name_non_utf8_file(folder)
             raise UserError(f"data.path={path}: cannot read data files there ({type(err).__name__}: "
                             f"{str(err).splitlines()[0]}); expected parquet/csv/jsonl files with text and label") from None
         raise UserError(f"data.path={path}: cannot load it from the HF hub and no cached copy exists "
@@ -64,7 +65,7 @@ def load_reviews(path: str) -> datasets.Dataset:
         if missing:
             raise UserError(f"data.path={path}: split '{name}' lacks column(s) {', '.join(sorted(missing))}; "
                             f"found {', '.join(part.column_names)}")
-        parts.append(part.select_columns(["text", "label"]).cast_column("label", datasets.Value("int64")))
+        parts.append(_labels_as_0_1(part.select_columns(["text", "label"]), path, name))
     return _check_reviews(datasets.concatenate_datasets(parts), path)
 
 
@@ -74,11 +75,53 @@ def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
     for label, sentiment in enumerate(("neg", "pos")):
         files = [(int(m.group(1)), f) for f in (split_dir / sentiment).iterdir() if (m := ACLIMDB_FILE.match(f.name))]
         for _, file in sorted(files):
-            texts.append(file.read_text(encoding="utf-8"))
+            try:
+                texts.append(file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as err:
+                raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 "
+                                "or remove it") from None
             labels.append(label)
     return datasets.Dataset.from_dict({"text": texts, "label": labels},
                                       features=datasets.Features(text=datasets.Value("string"),
                                                                  label=datasets.Value("int64")))
+
+
+LABEL_NAMES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}  # case-insensitive
+
+
+def _labels_as_0_1(part: datasets.Dataset, path: str, split: str) -> datasets.Dataset:
+    """Labels as int64 0/1. Integers 0/1 stay; the names neg/pos and negative/positive, as strings or as the names of
+    a ClassLabel (the hub's IMDB), become 0/1; anything else is named in one line."""
+    values = part["label"][:]
+    feature = part.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        values = [feature.int2str(int(v)) for v in values]
+    numbers = []
+    for row, value in enumerate(values):
+        number = _label_number(value)
+        if number is None:
+            raise UserError(f"data.path={path}: split '{split}' has label {value!r} at row {row}; labels must be 0 "
+                            "(negative) or 1 (positive), or the names neg/pos or negative/positive")
+        numbers.append(number)
+    return part.remove_columns("label").add_column("label", numbers, feature=datasets.Value("int64"))
+
+
+def _label_number(value) -> Optional[int]:
+    if isinstance(value, str):
+        return LABEL_NAMES.get(value.strip().lower())
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and value in (0, 1):
+        return int(value)
+    return None
+
+
+def _name_non_utf8_file(folder: Path) -> None:
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and file.suffix.lower() in (".csv", ".json", ".jsonl", ".txt", ".tsv"):
+            try:
+                file.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 "
+                                "or remove it") from None
 
 
 def _check_reviews(reviews: datasets.Dataset, path: str) -> datasets.Dataset:
@@ -140,15 +183,16 @@ def stratified_subset(indices: list[int], labels: np.ndarray, size: Optional[int
 
 @dataclass
 class Splits:
-    train: datasets.Dataset  # tokenised: input_ids, attention_mask, [token_type_ids], label, length
-    validation: datasets.Dataset
+    train: datasets.Dataset  # tokenised: input_ids, attention_mask, [token_type_ids], label, length, full_length
+    validation: datasets.Dataset  # the same, plus index (the review's row in the combined reviews)
     test: datasets.Dataset
     record: dict  # written to split.json
+    reviews: datasets.Dataset  # the combined reviews (text, label) the indices point into
 
 
 def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: list[str]) -> Splits:
-    """The run's split of the reviews, tokenised into `columns` (the model's input names)."""
-    seed = cfg.seed
+    """The run's split of the reviews (drawn by data.split_seed), tokenised into `columns` (the model's inputs)."""
+    seed = cfg.data.split_seed
     reviews = load_reviews(cfg.data.path)
     labels = np.asarray(reviews["label"][:])
     record = split_indices(reviews["text"][:], labels, cfg.data.split, seed)
@@ -161,11 +205,19 @@ def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: l
               "test": cfg.data.max_test_samples}
     for name, limit in limits.items():
         record[name] = stratified_subset(record[name], labels, limit, seed)
-    record.update(source=cfg.data.path, seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews))
+    if len(set(labels[record["train"]])) < 2:
+        raise UserError(f"data.path={cfg.data.path}: the training reviews are all of one class; a classifier needs "
+                        "both negative (0) and positive (1) reviews")
+    record.update(source=cfg.data.path, split_seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews))
 
-    tokenized = {name: tokenize(reviews.select(record[name]), tokenizer, cfg.data.max_length, columns,
-                                cfg.data.truncation) for name in ("train", "validation", "test")}
-    return Splits(**tokenized, record=record)
+    tokenized = {}
+    for name in ("train", "validation", "test"):
+        rows = tokenize(reviews.select(record[name]), tokenizer, cfg.data.max_length, columns, cfg.data.truncation)
+        tokenized[name] = rows if name == "train" else rows.add_column("index", record[name])
+    if max(tokenized["train"]["length"][:]) > cfg.data.max_length:  # a tokenizer that ignores max_length
+        raise UserError(f"data.max_length={cfg.data.max_length}: {cfg.model.name}'s tokenizer does not cut reviews to "
+                        "it; choose another max_length or model")
+    return Splits(**tokenized, record=record, reviews=reviews)
 
 
 def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
@@ -176,7 +228,7 @@ def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec.pop("truncation", None), spec.pop("padding", None)  # call state, changed by tokenising itself
     key.update(json.dumps(spec, sort_keys=True).encode())
-    key.update(f"{max_length}|{columns}|{truncation}".encode())
+    key.update(f"{max_length}|{columns}|{truncation}|full_length".encode())
     for text, label in zip(reviews["text"][:], reviews["label"][:]):
         key.update(f"{label}\0{text}\0".encode())
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "imdb_tokenized"
@@ -190,22 +242,25 @@ def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
            truncation: str = "head") -> dict:
     """Model inputs of reviews as training sees them (`columns`, cut to max_length the `truncation` way), plus their
-    `length` in tokens."""
+    `length` in tokens and the `full_length` they would have uncut."""
+    whole = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=truncation != "head", verbose=False)
     if truncation != "head":
-        texts = keep_ends(texts, tokenizer, max_length, truncation)
+        texts = keep_ends(texts, whole["offset_mapping"], tokenizer, max_length, truncation)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     out = {name: encoded[name] for name in columns if name in encoded}  # RoBERTa's returns no token types
     out["length"] = [len(ids) for ids in encoded["input_ids"]]
+    special = tokenizer.num_special_tokens_to_add()
+    out["full_length"] = [len(ids) + special for ids in whole["input_ids"]]
     return out
 
 
-def keep_ends(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, truncation: str) -> list[str]:
+def keep_ends(texts: list[str], spans: list, tokenizer: PreTrainedTokenizerBase, max_length: int,
+              truncation: str) -> list[str]:
     """Cut reviews longer than the token budget to their last tokens (`tail`) or to their first quarter and last
     three quarters (`head_tail`: Sun et al. 2019 kept the first 128 and last 382 of 512 tokens on IMDB, since reviews
-    often end with the verdict). Cuts fall on token boundaries, via the fast tokenizer's character offsets."""
+    often end with the verdict). Cuts fall on token boundaries, via the fast tokenizer's character offsets (`spans`)."""
     budget = max_length - tokenizer.num_special_tokens_to_add()
     head = budget // 4 if truncation == "head_tail" else 0
-    spans = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     cut = []
     for text, offsets in zip(texts, spans):
         if len(offsets) <= budget:
@@ -245,6 +300,14 @@ class WindowBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.lengths)
+
+    def window_totals(self) -> list[tuple[int, int]]:
+        """(samples, real tokens) of each of the epoch's optimizer steps, over all processes."""
+        return [(len(window), int(self.lengths[window].sum())) for window in self.windows()]
+
     def windows(self) -> list[np.ndarray]:
         """The epoch's optimizer steps, as arrays of dataset indices (global, across processes)."""
         size = self.effective_batch
@@ -280,7 +343,7 @@ class WeightedRows(torch.utils.data.Dataset):
     """Reads the rows a WindowBatchSampler names, attaching each row's loss weight."""
 
     def __init__(self, rows: datasets.Dataset):
-        self.rows = rows.remove_columns("length")
+        self.rows = rows.remove_columns(["length", "full_length"])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -318,7 +381,8 @@ def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, token
 
 def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig,
                      device: torch.device = torch.device("cpu")) -> DataLoader:
-    """Longest reviews first, so each batch pads little and memory peaks at the start."""
+    """Longest reviews first, so each batch pads little and memory peaks at the start. Batches carry each review's
+    `index` and `full_length` for the prediction files."""
     by_length = rows.select(np.argsort(-np.asarray(rows["length"][:]), kind="stable")).remove_columns("length")
     return DataLoader(by_length, batch_size=cfg.train.batch_size * 2, shuffle=False,
                       collate_fn=make_collator(tokenizer, cfg, device), num_workers=cfg.data.num_workers,
@@ -331,3 +395,8 @@ def make_collator(tokenizer, cfg: DictConfig, device: torch.device) -> DataColla
     H100: 3x slower steps while lengths are new), and multiples of 64 leave few lengths to plan."""
     multiple = cfg.data.pad_to_multiple_of or (64 if device.type == "cuda" else None)
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
+
+
+def review_starts(reviews: datasets.Dataset, indices) -> list[str]:
+    """The first 200 characters of the reviews at `indices` (rows of the combined reviews), for prediction files."""
+    return [text[:200] for text in reviews.select([int(i) for i in indices])["text"][:]]

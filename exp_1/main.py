@@ -2,39 +2,37 @@
 
     python exp_1/main.py --config configs/modernbert.yaml [dotted.key=value ...]
     python exp_1/main.py --config configs/quickstart.yaml data.path=../shared/data/imdb   # offline, on a laptop
+    python -m exp_1.main --help                                                          # every config key
 
-The workflow: device -> data -> optimizer/scheduler -> tracking -> per epoch train, validate, checkpoint -> test best.
+The workflow: device -> data -> optimizer/scheduler -> run directory -> tracking -> per epoch train, validate,
+checkpoint -> test best.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from omegaconf import DictConfig
 
-from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, load_config, parse_args, scaled_lr
-from exp_1.data import make_loaders, prepare_data
-from exp_1.model import load_model, load_weights, save_pretrained_parts
-from exp_1.train import (Checkpoints, Progress, Stepper, build_optimizer, build_scheduler, describe, evaluate,
-                         final_metrics, load_resume_point, load_training_state, restore_trainer_state,
-                         save_resume_point, save_training_state, trainer_state)
-from exp_1.utils import RunDir, RunLogger, pick_device, pick_precision, run_cli, seed_everything
+from exp_1.cli import Preemption, parse_and_load, run_cli
+from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, scaled_lr
 
 DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
 
-def train_one_epoch(stepper: Stepper, batches, progress: Progress) -> None:
-    """One optimizer step per batch (each batch is its own window, so its loss is the batch mean)."""
-    for batch in batches:
-        loss = stepper.forward_backward(batch)
-        stepper.optimizer_step()
-        progress.step_done(loss)
+def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    # Imported here, not at the top: --help, --print-config and config errors answer before torch loads (~3 s).
+    from exp_1.data import make_loaders, prepare_data, review_starts
+    from exp_1.model import Weights, load_model, load_weights, save_pretrained_parts
+    from exp_1.rundir import ResumePoints, RunDir, write_predictions
+    from exp_1.tracking import Tracker, describe, final_metrics, run_facts
+    from exp_1.train import (Meter, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate)
+    from exp_1.utils import pick_device, pick_precision, seed_everything
 
-
-def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False, train_one_epoch=train_one_epoch,
-                   accum_steps: int = 1, script: str = "exp_1/main.py") -> dict:
     started = time.time()
-    run = RunDir.check(cfg, overwrite, resume)
+    run = RunDir.of(cfg)
+    run.check(cfg, resume, overwrite)  # read only: what could not be started, replaced or continued stops here
     seed_everything(cfg.seed)
 
     # device
@@ -42,72 +40,89 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     precision = pick_precision(cfg.train.precision, device)
 
     # model and data, checked before the run directory is touched
-    tokenizer, model = load_model(cfg.model, cfg.data.max_length)
+    tokenizer, model = load_model(cfg.model, cfg.data)
     model.to(device)
     if cfg.train.compile:
         model.compile()  # in place, so checkpoints keep the plain model's keys
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    if not resume:
-        run.create(cfg)
-        save_pretrained_parts(model, tokenizer, run.model_dir)
-        run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, device=device)
+    loaders = make_loaders(splits, tokenizer, cfg, accum_steps=1, device=device)
 
     # optimizer and schedule, sized in optimizer steps
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
     optimizer = build_optimizer(model, cfg.train, lr, device)
-    scheduler = build_scheduler(optimizer, cfg.train, len(loaders.sampler) // accum_steps * cfg.train.epochs)
+    scheduler = build_scheduler(optimizer, cfg.train, len(loaders.sampler) * cfg.train.epochs)
     stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm)
-    print(describe(cfg, device, precision, splits, loaders, accum_steps, 1, lr))
 
-    # tracking and checkpoints
-    logger = RunLogger(run, cfg)
-    logger.start()
-    checkpoints = Checkpoints(run, cfg.checkpoint.best_metric)
-
-    layout = {"script": "plain", "processes": 1, "accum_steps": accum_steps}
-
-    def save_point(epoch_done: bool = False):
-        save_resume_point(run, lambda folder: save_training_state(folder, model, optimizer),
-                          trainer_state(progress, checkpoints, scheduler, layout, stepper.scaler, epoch_done))
-
-    progress = Progress(logger.log, scheduler, cfg.train.log_every, every_steps=cfg.checkpoint.every_steps,
-                        on_checkpoint=save_point)
-    start_epoch, skip = 1, 0
+    # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
+    run.create(cfg, resume, overwrite)
+    points = ResumePoints(run, layout={"script": "plain", "processes": 1, "accum_steps": 1})
     if resume:
-        trainer = load_resume_point(run, lambda folder: load_training_state(folder, model, optimizer), layout)
-        start_epoch, skip = restore_trainer_state(trainer, progress, checkpoints, scheduler, stepper.scaler)
+        state = TrainingState(**points.load(model, optimizer, scheduler, stepper.scaler))
+    else:
+        state = TrainingState()
+        save_pretrained_parts(model, tokenizer, run.model_dir)
+        run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
 
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
+    # tracking: history.jsonl and WandB
+    facts = run_facts("exp_1/main.py", 1, loaders.sampler.effective_batch, 1, lr, device.type, precision,
+                      splits.record)
+    tracker = Tracker(run, cfg, facts, points.logged_before_resume)
+    meter = Meter(state, loaders.sampler)
+    print(describe(cfg, facts, len(loaders.sampler)))
+
+    for epoch in range(state.epoch, cfg.train.epochs + 1):
         loaders.sampler.set_epoch(epoch)
         model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
-        train_one_epoch(stepper, progress(loaders.train, epoch, skip), progress)
-        skip = 0
-        val = evaluate(model, loaders.validation, device, precision)
-        best = checkpoints.save(model, epoch, val)
-        logger.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=progress.step)
-        save_point(epoch_done=True)
+        for batch in meter.epoch(loaders.train, epoch):  # one optimizer step per batch
+            lr_now = scheduler.get_last_lr()[0]
+            loss = stepper.forward_backward(batch).item()
+            grad_norm = stepper.optimizer_step().item()
+            meter.step_done(loss, grad_norm)
+            if not math.isfinite(loss):
+                raise diverged(loss, state)
+            if state.step % cfg.train.log_every == 0:
+                tracker.log(meter.train_record(lr_now), step=state.step)
+            if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or Preemption.requested:
+                points.save(Weights.of(model), optimizer, scheduler, stepper.scaler, state)
+                meter.pause()
+            if Preemption.requested:
+                raise Preemption.stop(state.step)
+        if state.unlogged:  # the epoch's last steps, when log_every does not divide them
+            tracker.log(meter.train_record(lr_now), step=state.step)
+
+        # validate, then checkpoint: the epoch's resume point first, then last/best from the same bytes, so a kill
+        # between the two is repaired from the point on --resume
+        val, val_rows = evaluate(model, loaders.validation, device, precision)
+        weights = Weights.of(model, epoch=epoch, **val)
+        best = state.record_validation(epoch, val[cfg.checkpoint.best_metric], cfg.checkpoint.best_metric == "loss",
+                                       weights.sha256)
+        tracker.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=state.step)
+        if best:
+            write_predictions(run.predictions / "validation.csv", val_rows,
+                              review_starts(splits.reviews, val_rows["index"]), cfg.data.max_length)
+        points.save(weights, optimizer, scheduler, stepper.scaler, state)
+        run.save_checkpoints(weights, best)
+        meter.pause()
         print(f"epoch {epoch}: val loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} f1 {val['f1']:.4f}"
               + (" (best)" if best else ""))
+        if Preemption.requested:
+            raise Preemption.stop(state.step)
 
-    # test the best checkpoint
-    load_weights(model, checkpoints.best_path)
-    test = evaluate(model, loaders.test, device, precision)
-    metrics = final_metrics(cfg, test, checkpoints, progress, effective_batch_size=loaders.sampler.effective_batch,
-                            num_processes=1, lr=lr, script=script, device=device.type, precision=precision,
-                            wall_seconds=round(time.time() - started, 2))
+    # test the best checkpoint, verified against the checksum recorded when it was written
+    load_weights(model, run.best, state.best_sha256)
+    test, test_rows = evaluate(model, loaders.test, device, precision)
+    texts = review_starts(splits.reviews, test_rows["index"])
+    write_predictions(run.predictions / "test.csv", test_rows, texts, cfg.data.max_length)
+    metrics = final_metrics(cfg, test, state, facts, meter.throughput(), time.time() - started)
     run.write_json("metrics.json", metrics)
-    logger.log({f"test/{k}": v for k, v in test.items()}, step=progress.step)
-    logger.summary(metrics)
-    logger.finish()
+    tracker.finish(metrics, test_rows, texts, step=state.step)
     print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on {test['n']} reviews "
-          f"(best epoch {checkpoints.best_epoch}); results in {run.path}")
+          f"(best epoch {state.best_epoch}); results in {run.path}")
     return metrics
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0], DEFAULT_CONFIG)
-    cfg = load_config(args.config, args.overrides)
+    args, cfg = parse_and_load(argv, __doc__, DEFAULT_CONFIG)
     if grad_accum_steps(cfg.train) != 1:
         raise UserError("exp_1 takes one optimizer step per batch; run exp_2/main.py for gradient accumulation")
     return run_experiment(cfg, args.resume, args.overwrite)

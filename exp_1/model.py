@@ -6,15 +6,18 @@ config and tokenizer, checkpoints/ the weights, config.yaml the head settings).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import inspect
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -71,8 +74,9 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(cfg_model, max_length: int | None = None) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
-    """Pretrained encoder (from the hub, a package or a folder) with a freshly initialised head."""
+def load_model(cfg_model, data=None) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
+    """Pretrained encoder (from the hub, a package or a folder) with a freshly initialised head. With `data` (the
+    data config), its lengths are checked against what this model and tokenizer take."""
     path = resolve_model_path(cfg_model.name)
     remote = {"trust_remote_code": cfg_model.trust_remote_code}
     try:
@@ -84,10 +88,11 @@ def load_model(cfg_model, max_length: int | None = None) -> tuple[PreTrainedToke
             "and your connection, or point model.name at a local folder") from None
     if not tokenizer.is_fast:
         raise UserError(f"model.name={cfg_model.name}: has no fast tokenizer; choose a model that ships tokenizer.json")
-    limit = max_positions(tokenizer, config)
-    if max_length is not None and max_length > limit:
-        raise UserError(f"data.max_length={max_length} is more than {cfg_model.name} takes ({limit} tokens); "
-                        f"set data.max_length={limit} or less")
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"model.name={cfg_model.name}: its tokenizer has no padding token, which batching needs; "
+                        "choose an encoder whose tokenizer defines pad_token")
+    if data is not None:
+        check_lengths(data, tokenizer, max_positions(tokenizer, config), cfg_model.name)
     override_dropout(config, cfg_model.encoder_dropout)
     override_dropout(config, cfg_model.attention_dropout, only="attention")
     kwargs = {"attn_implementation": cfg_model.attn_implementation} if cfg_model.attn_implementation else {}
@@ -96,6 +101,22 @@ def load_model(cfg_model, max_length: int | None = None) -> tuple[PreTrainedToke
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"model.name={cfg_model.name}: {str(err).strip().splitlines()[0][:200]}") from None
     return tokenizer, SentimentClassifier(encoder, cfg_model.pooling, cfg_model.dropout)
+
+
+def check_lengths(data, tokenizer: PreTrainedTokenizerBase, limit: int, name: str) -> None:
+    """data.max_length must fit the model, leave room for text after the special tokens (a quarter of it for the head
+    under head_tail), and stay within the model's positions once padded to data.pad_to_multiple_of."""
+    if data.max_length > limit:
+        raise UserError(f"data.max_length={data.max_length} is more than {name} takes ({limit} tokens); "
+                        f"set data.max_length={limit} or less")
+    needed = tokenizer.num_special_tokens_to_add() + (4 if data.truncation == "head_tail" else 1)
+    if data.max_length < needed:
+        raise UserError(f"data.max_length={data.max_length} leaves no room for review text with data.truncation="
+                        f"{data.truncation} and {name}'s special tokens; use data.max_length={needed} or more")
+    multiple = data.pad_to_multiple_of
+    if multiple and -(-data.max_length // multiple) * multiple > limit:
+        raise UserError(f"data.pad_to_multiple_of={multiple} pads data.max_length={data.max_length} beyond the "
+                        f"{limit} positions {name} takes; use a smaller multiple, or null")
 
 
 def max_positions(tokenizer: PreTrainedTokenizerBase, config) -> int:
@@ -117,22 +138,42 @@ def override_dropout(config, probability, only: str = "") -> None:
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
+@dataclass
+class Weights:
+    """A model's weights serialised once as safetensors, with their sha256: a resume point and the checkpoints write
+    the same bytes, and every later read can be verified against the checksum."""
+
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, model: nn.Module, **metadata) -> "Weights":
+        """`metadata` (e.g. the epoch and its validation metrics) goes in as one JSON value: safetensors orders
+        several keys differently in each process, and every process must get the same bytes and checksum."""
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        data = save_safetensors(state, metadata={"checkpoint": json.dumps(metadata, sort_keys=True)})
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+
+def load_weights(model: nn.Module, path: Path, sha256: str | None = None) -> None:
+    """Load a safetensors file into `model`, checked against `sha256` when given: a damaged or foreign file is one
+    line naming it, never a traceback or silently wrong weights."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path} is damaged: its checksum differs from the one recorded when it was written")
+    try:
+        model.load_state_dict(load_safetensors(data))
+    except (SafetensorError, RuntimeError) as err:
+        raise UserError(f"{path} does not load into this model ({str(err).strip().splitlines()[0][:200]})") from None
+
+
 def save_pretrained_parts(model: SentimentClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Encoder config and tokenizer, once per run: with a weights file they rebuild the model offline."""
     model.encoder.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
-    """safetensors, written to a temporary name and renamed: a kill mid-write leaves the previous file intact."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)))
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
@@ -141,9 +182,13 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBas
     weights = run_dir / "checkpoints" / f"{which}.safetensors"
     if not weights.is_file():
         raise UserError(f"{weights} not found; is {run_dir} a finished run directory?")
-    head = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
-    config = AutoConfig.from_pretrained(run_dir / "model")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    try:
+        head = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+        config = AutoConfig.from_pretrained(run_dir / "model")
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise UserError(f"{run_dir}: cannot rebuild the model from config.yaml and model/ "
+                        f"({type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})") from None
     kwargs = {"attn_implementation": head["attn_implementation"]} if head.get("attn_implementation") else {}
     model = SentimentClassifier(AutoModel.from_config(config, **kwargs), head["pooling"], head["dropout"])
     load_weights(model, weights)

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exp_1.config import CliParser, UserError, load_config
+from exp_1.cli import CliParser, run_cli
+from exp_1.config import UserError, load_config
 from exp_1.data import make_collator, encode
 from exp_1.model import SentimentClassifier, load_run, model_inputs
-from exp_1.utils import autocast, pick_device, pick_precision, run_cli, to_device, write_atomic
+from exp_1.rundir import write_file
+from exp_1.utils import autocast, pick_device, pick_precision, to_device
 
 LABELS = ("negative", "positive")
 
@@ -33,6 +35,7 @@ def predict(model: SentimentClassifier, tokenizer, cfg, texts: list[str], batch_
     """(label, probability of that label) per text, in the order given."""
     model.eval().to(device)
     rows = encode(texts, tokenizer, cfg.data.max_length, model.input_names, cfg.data.truncation)
+    rows.pop("full_length")
     order = np.argsort(-np.asarray(rows.pop("length")), kind="stable")  # similar lengths batch with little padding
     collate = make_collator(tokenizer, cfg, device)
     probabilities = torch.empty(len(texts), 2)
@@ -80,13 +83,13 @@ def read_texts(path: Path) -> list[str]:
 def write_predictions(path: Path, texts: list[str], predictions: list[tuple[str, float]]) -> None:
     records = [{"text": t, "label": label, "probability": round(p, 4)} for t, (label, p) in zip(texts, predictions)]
     if path.suffix.lower() == ".jsonl":
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        write_file(path, "".join(json.dumps(r) + "\n" for r in records))
     else:
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=["text", "label", "probability"])
         writer.writeheader()
         writer.writerows(records)
-        write_atomic(path, table.getvalue())
+        write_file(path, table.getvalue())
 
 
 def main(argv=None) -> list[tuple[str, float]]:

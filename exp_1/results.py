@@ -19,8 +19,9 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from exp_1.config import CliParser, UserError
-from exp_1.utils import run_cli, write_atomic
+from exp_1.cli import CliParser, run_cli
+from exp_1.config import UserError
+from exp_1.rundir import write_file
 
 PROJECT = Path(__file__).resolve().parents[1]
 METRICS = ["script", "model", "effective_batch_size", "epochs", "optimizer_steps", "lr", "test_loss", "test_accuracy", "test_f1",
@@ -143,7 +144,7 @@ def write_results(runs: list[Run], out: Path) -> list[Path]:
                   f"{len(group)} finished run(s): {sources}. Do not edit by hand. Test metrics are those of each "
                   "run's best epoch on its held-out test split; wall time is the run's last session.\n\n"
                   f"{table(group)}\n\n" + "".join(f"![{title}]({name})\n\n" for name, _, title, _, _ in PLOTS))
-        write_atomic(folder / "README.md", readme)
+        write_file(folder / "README.md", readme)
         written.append(folder / "README.md")
     return written
 

@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from exp_1.config import CliParser, UserError, load_config
+from exp_1.cli import CliParser, run_cli
+from exp_1.config import UserError, load_config
 from exp_1.results import PROJECT, find_runs, write_results
-from exp_1.utils import RunDir, run_cli
+from exp_1.rundir import RunDir, run_path
 
 SCRIPTS = ["exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py"]
 

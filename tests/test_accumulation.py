@@ -25,8 +25,8 @@ from exp_1.train import Stepper
 from exp_2 import main as exp2
 from exp_2.main_accelerate import backward_micro_batch
 
-CONTRACT = ["config.yaml", "split.json", "history.jsonl", "metrics.json", "checkpoints/best.safetensors",
-            "checkpoints/last.safetensors", "model/config.json", "model/tokenizer.json"]
+CONTRACT = ["run.json", "config.yaml", "split.json", "history.jsonl", "metrics.json", "predictions/test.csv",
+            "checkpoints/best.safetensors", "checkpoints/last.safetensors", "model/config.json", "model/tokenizer.json"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Experiment 1 end to end on tiny models: the run-directory contract, the best checkpoint reloads and is what
 was tested, and clear one-line errors for bad input."""
 
+import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -11,13 +13,14 @@ import yaml
 
 from conftest import IMDB, PROJECT, needs_imdb, tiny_config
 from exp_1 import main as exp1
-from exp_1.config import UserError
+from exp_1.config import UserError, load_config
 from exp_1.data import WindowBatchSampler, make_eval_loader, make_train_loader, prepare_data, tokenize
 from exp_1.model import load_model, load_run, model_inputs, weighted_loss
 from exp_1.train import Stepper, build_optimizer, evaluate
 
-CONTRACT = ["config.yaml", "split.json", "history.jsonl", "metrics.json", "checkpoints/best.safetensors",
-            "checkpoints/last.safetensors", "model/config.json", "model/tokenizer.json"]
+CONTRACT = ["run.json", "config.yaml", "split.json", "history.jsonl", "metrics.json", "predictions/test.csv",
+            "predictions/validation.csv", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
+            "model/config.json", "model/tokenizer.json"]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
@@ -51,17 +54,28 @@ def test_end_to_end_run_writes_the_contract_and_tests_the_best_checkpoint(fixtur
     from exp_1.data import load_reviews
 
     reviews = load_reviews(str(reviews_dir)).select(split["test"])
-    cfg = exp1.load_config(config)
-    rows = tokenize(reviews, tokenizer, 64, model.input_names)
-    test = evaluate(model, make_eval_loader(rows, tokenizer, cfg), torch.device("cpu"))
+    cfg = load_config(config)
+    rows = tokenize(reviews, tokenizer, 64, model.input_names).add_column("index", split["test"])
+    test, _ = evaluate(model, make_eval_loader(rows, tokenizer, cfg), torch.device("cpu"))
     assert test["accuracy"] == metrics["test_accuracy"]
     assert test["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+    # the prediction file has a row per test review and reproduces the test metrics exactly
+    with open(run / "predictions" / "test.csv", newline="") as f:
+        predictions = list(csv.DictReader(f))
+    assert sorted(int(p["index"]) for p in predictions) == split["test"]
+    labels = load_reviews(str(reviews_dir))["label"][:]
+    assert all(int(p["label"]) == labels[int(p["index"])] for p in predictions)
+    correct = sum(p["label"] == p["predicted"] for p in predictions)
+    assert correct / len(predictions) == metrics["test_accuracy"]
+    assert math.fsum(float(p["loss"]) for p in predictions) / len(predictions) == metrics["test_loss"]
+    assert all((float(p["prob_positive"]) >= 0.5) == (p["predicted"] == "1") for p in predictions)
 
 
 @needs_imdb
 def test_minilm_lowers_the_loss_on_real_reviews(tmp_path):
     """A few optimizer steps of the real pretrained MiniLM on 16 real reviews lower the loss on them."""
-    cfg = exp1.load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
+    cfg = load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
                                        data={"max_length": 128, "max_train_samples": 16}, train={"batch_size": 16}))
     tokenizer, model = load_model(cfg.model)
     splits = prepare_data(cfg, tokenizer, model.input_names)

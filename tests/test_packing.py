@@ -1,0 +1,161 @@
+"""Packed micro-batches (exp_1/packing.py) give the padded batch's logits, loss and gradients, in fp32 on CPU, for
+BERT and for ModernBERT with its sliding-window layers active."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig
+
+from exp_1.config import ModelConfig
+from exp_1.model import load_model, weighted_loss
+from exp_1.packing import PACKED, enable_packed_attention, pack, packed_logits
+
+WINDOW = 8  # ModernBERT local_attention: a token sees 4 tokens each side in the sliding-window layers
+TEXTS = ["dull", "a truly wonderful film with a moving story", "the plot was clumsy and tedious, " * 4,
+         "brilliant acting and a delightful score, though the ending drags a little " * 4]
+LOSS_WEIGHTS = [0.1, 0.4, 0.2, 0.3]
+SHARPEN = 10.0
+
+
+@pytest.fixture(scope="module")
+def windowed_modernbert(tiny_modernbert, tmp_path_factory) -> str:
+    """The tiny ModernBERT with a window short enough for the reviews to exceed it."""
+    folder = tmp_path_factory.mktemp("windowed_modernbert") / "model"
+    shutil.copytree(tiny_modernbert, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.local_attention = WINDOW
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(params=["tiny_bert", "windowed_modernbert"])
+def model_path(request) -> str:
+    return request.getfixturevalue(request.param)
+
+
+def _load(path, pooling, attn_implementation=None):
+    return load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), {
+        "name": path, "pooling": pooling, "dropout": 0.0, "encoder_dropout": 0.0,
+        "attn_implementation": attn_implementation}))
+
+
+def _models(path, pooling):
+    """The padded reference (the model's default attention) and a PACKED twin with the same weights. Query and key
+    weights are scaled up: a freshly initialised model attends almost uniformly, which would hide attention errors."""
+    tokenizer, padded = _load(path, pooling)
+    with torch.no_grad():
+        for name, p in padded.encoder.named_parameters():
+            if name.endswith(("Wqkv.weight", "query.weight", "key.weight")):
+                p.mul_(SHARPEN)
+    _, packed = _load(path, pooling, PACKED)
+    packed.load_state_dict(padded.state_dict())
+    return tokenizer, padded, packed
+
+
+def _features(tokenizer):
+    encoded = tokenizer(TEXTS, truncation=True, max_length=64)
+    return [{**{name: values[i] for name, values in encoded.items()}, "label": i % 2, "loss_weight": w}
+            for i, w in enumerate(LOSS_WEIGHTS)]
+
+
+def _padded_batch(tokenizer, model, features):
+    padded = tokenizer.pad([{name: f[name] for name in model.input_names} for f in features], return_tensors="pt")
+    return {**padded, "labels": torch.tensor([f["label"] for f in features]),
+            "loss_weight": torch.tensor([f["loss_weight"] for f in features])}
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_pack_layout():
+    features = [{"input_ids": [101, 7, 102], "token_type_ids": [0, 0, 0], "label": 1, "loss_weight": 0.5},
+                {"input_ids": [101, 8, 9, 102], "token_type_ids": [0, 0, 0, 0], "label": 0, "loss_weight": 0.5}]
+    batch = pack(features, budget=10)
+    assert batch["input_ids"].tolist() == [[101, 7, 102, 101, 8, 9, 102, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0, 0]]
+    assert batch["token_type_ids"].shape == (1, 10)
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"].tolist() == [0, 3, 7]
+    assert (batch["max_seqlen"], batch["num_tokens"]) == (4, 7)
+    assert batch["labels"].tolist() == [1, 0] and batch["loss_weight"].tolist() == [0.5, 0.5]
+    assert pack(features)["input_ids"].shape == (1, 7)
+    with pytest.raises(ValueError, match="budget of 6"):
+        pack(features, budget=6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_equals_padded(model_path, pooling):
+    tokenizer, padded, packed = _models(model_path, pooling)
+    features = _features(tokenizer)
+    lengths = [len(f["input_ids"]) for f in features]
+    assert len(set(lengths)) == len(lengths) and max(lengths) > 4 * min(lengths)
+    reference = _padded_batch(tokenizer, padded, features)
+    logits = padded(**{name: reference[name] for name in padded.input_names})
+    loss = weighted_loss(logits, reference)
+    loss.backward()
+
+    batch = pack(features)
+    packed_out = packed_logits(packed, batch)
+    packed_loss = weighted_loss(packed_out, batch)
+    packed_loss.backward()
+
+    assert _relative(packed_out, logits) < 1e-5
+    assert abs(packed_loss.item() - loss.item()) < 1e-5 * loss.item()
+    grads = dict(packed.named_parameters())
+    for name, p in padded.named_parameters():
+        g_ref, g = p.grad, grads[name].grad
+        if g_ref.norm() < 1e-8:  # e.g. attention key biases: softmax ignores them, their gradient is rounding noise
+            assert g.norm() < 1e-8, name
+        else:
+            assert _relative(g, g_ref) < 1e-5, name
+
+
+def test_sliding_window_is_exercised_and_would_be_caught(windowed_modernbert):
+    """The reviews exceed the window in a local layer, and a window ignored, or one token narrower or wider on each
+    side, changes the logits far beyond the tolerance of test_packed_equals_padded."""
+    tokenizer, padded, packed = _models(windowed_modernbert, "mean")
+    padded.eval(), packed.eval()
+    layers = [layer.attn for layer in packed.encoder.layers]
+    assert any(a.sliding_window == WINDOW // 2 + 1 for a in layers) and any(a.sliding_window is None for a in layers)
+    features = _features(tokenizer)
+    assert max(len(f["input_ids"]) for f in features) > 4 * WINDOW
+    reference = _padded_batch(tokenizer, padded, features)
+    batch = pack(features)
+    with torch.no_grad():
+        logits = padded(**{name: reference[name] for name in padded.input_names})
+        assert _relative(packed_logits(packed, batch), logits) < 1e-5
+        local = [a for a in layers if a.sliding_window is not None]
+        for wrong in (None, WINDOW // 2, WINDOW // 2 + 2):  # the right value is WINDOW // 2 + 1
+            for a in local:
+                a.sliding_window = wrong
+            assert _relative(packed_logits(packed, batch), logits) > 1e-3, wrong
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_budget_padding_changes_nothing(model_path, pooling):
+    tokenizer, _, packed = _models(model_path, pooling)
+    packed.eval()
+    features = _features(tokenizer)
+    tight = pack(features)
+    padded_row = pack(features, budget=tight["num_tokens"] + 37)
+    assert padded_row["input_ids"].shape == (1, tight["num_tokens"] + 37)
+    with torch.no_grad():
+        torch.testing.assert_close(packed_logits(packed, padded_row), packed_logits(packed, tight),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_packed_model_still_runs_padded_batches(model_path):
+    """Evaluation may keep padded batches on a PACKED model: padded rows, and unpadded rows longer than the window."""
+    tokenizer, padded, _ = _models(model_path, "mean")
+    packed = copy.deepcopy(padded)
+    enable_packed_attention(packed.encoder)
+    padded.eval(), packed.eval()
+    features = _features(tokenizer)
+    for rows in (features, features[-1:]):
+        batch = _padded_batch(tokenizer, padded, rows)
+        inputs = {name: batch[name] for name in padded.input_names}
+        with torch.no_grad():
+            torch.testing.assert_close(packed(**inputs), padded(**inputs), rtol=1e-5, atol=1e-6)
