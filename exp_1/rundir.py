@@ -20,8 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -208,43 +206,38 @@ class RunDir:
                                 f"({', '.join(self.foreign_entries())}); move them away or choose another name=")
 
     def holder(self) -> str:
-        """Who holds the lock, or '' when nobody else does."""
-        if not (self.path / LOCK).exists() or self.path.resolve() in self._held:
+        """Who else holds the lock (its process and command), or '' when nobody does."""
+        lock = self.path / LOCK
+        if not lock.exists() or self.path.resolve() in self._held:
             return ""
-        fd = os.open(self.path / LOCK, os.O_RDONLY)
+        pid = _flock_holder(lock)
+        if pid is None:
+            return ""
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return ""
-        except BlockingIOError:
-            try:
-                info = json.loads(os.read(fd, 4096) or b"{}")
-            except ValueError:
-                info = {}
-            return (f"process {info.get('pid', '?')} on {info.get('host', '?')} ({info.get('command', '?')}, "
-                    f"since {info.get('since', '?')})")
-        finally:
-            os.close(fd)
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = ""
+        return f"process {pid}" + (f" ({command[:160]})" if command else "") if pid else "another process"
 
     def lock(self) -> None:
         """Become the run's only writer until this process ends; the OS releases the lock when it dies. A run started
-        again in the same process (tests, notebooks) takes over its own earlier lock."""
+        again in the same process (tests, notebooks) takes over its own earlier lock. The lock file is written once
+        and never changed, so a refused start changes nothing."""
         earlier = self._held.pop(self.path.resolve(), None)
         if earlier is not None:
             os.close(earlier)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as err:
             raise UserError(f"cannot create the run directory {self.path}: {err.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{self.path} is in use by {self.holder()}; wait for it to end, or stop it first") from None
+            raise UserError(f"{self.path} is in use by {self.holder() or 'another process'}; wait for it to end, or "
+                            "stop it first") from None
         self._held[self.path.resolve()] = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "command": " ".join(sys.argv)[:200], "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
 
     def create(self, cfg, resume: bool, overwrite: bool) -> None:
         """Take the lock and check again under it (another process may have just written the run); then, unless
@@ -274,6 +267,27 @@ class RunDir:
             if sha256_of(path) != weights.sha256:
                 raise RunStopped(f"{path} reads back differently from what was written: the disk may be failing; the "
                                  "last resume point is kept, continue with --resume", exit_code=1)
+
+
+def _flock_holder(lock: Path) -> Optional[int]:
+    """The process holding an exclusive flock on `lock` (0 when one does but /proc cannot say which), or None."""
+    try:
+        inode = os.stat(lock).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and fields[-3].endswith(f":{inode}"):
+                return int(fields[-4])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    fd = os.open(lock, os.O_RDONLY)  # no /proc/locks: try the lock itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
