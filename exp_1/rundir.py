@@ -163,8 +163,10 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir() if p.name not in OWN_ENTRIES and not p.name.endswith(".tmp"))
 
     def config_changes(self, cfg) -> list[str]:
-        """The keys in which `cfg` differs from the config this run was started with."""
-        return _changed_keys(yaml.safe_load((self.path / "config.yaml").read_text()) or {}, to_plain_dict(cfg))
+        """The keys in which `cfg` differs from the config this run was started with (where the run lives, name and
+        output_dir, may change: a run directory can be moved)."""
+        saved = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+        return [key for key in _changed_keys(saved, to_plain_dict(cfg)) if key not in ("name", "output_dir")]
 
     # --- checks (read only), the lock, creation
 
