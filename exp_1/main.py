@@ -74,21 +74,21 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
         loaders.sampler.set_epoch(epoch)
         model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
         for batch in meter.epoch(loaders.train, epoch):  # one optimizer step per batch
-            lr_now = scheduler.get_last_lr()[0]
+            step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
             loss = stepper.forward_backward(batch).item()
             grad_norm = stepper.optimizer_step().item()
-            meter.step_done(loss, grad_norm)
+            meter.step_done(loss, grad_norm, step_lr)
             if not math.isfinite(loss):
                 raise diverged(loss, state)
             if state.step % cfg.train.log_every == 0:
-                tracker.log(meter.train_record(lr_now), step=state.step)
+                tracker.log(meter.train_record(), step=state.step)
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or Preemption.requested:
                 points.save(Weights.of(model), optimizer, scheduler, stepper.scaler, state)
                 meter.pause()
             if Preemption.requested:
                 raise Preemption.stop(state.step)
         if state.unlogged:  # the epoch's last steps, when log_every does not divide them
-            tracker.log(meter.train_record(lr_now), step=state.step)
+            tracker.log(meter.train_record(), step=state.step)
 
         # validate, then checkpoint: the epoch's resume point first, then last/best from the same bytes, so a kill
         # between the two is repaired from the point on --resume

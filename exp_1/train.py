@@ -94,6 +94,7 @@ class TrainingState:
     best_value: Optional[float] = None
     best_sha256: Optional[str] = None  # of checkpoints/best.safetensors, verified before the test
     unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log
+    lr: float = 0.0  # the learning rate of the last optimizer step
 
     def record_validation(self, epoch: int, value: float, lower_is_better: bool, weights_sha256: str) -> bool:
         """Closes the epoch; True when it is the best so far (its weights then become best.safetensors)."""
@@ -131,8 +132,9 @@ class Meter:
             self.state.batches_done += 1
             yield batch
 
-    def step_done(self, loss: float, grad_norm: float) -> None:
-        """After each optimizer step, with the window's mean loss and the gradient norm before clipping."""
+    def step_done(self, loss: float, grad_norm: float, lr: float) -> None:
+        """After each optimizer step, with the window's mean loss, the gradient norm before clipping and the
+        learning rate the step used."""
         state = self.state
         samples, tokens = self._windows[state.batches_done // self.sampler.accum_steps - 1]
         state.step += 1
@@ -142,8 +144,9 @@ class Meter:
         state.train_seconds += now - self._clock
         self._clock = now
         state.unlogged.append((loss, grad_norm))
+        state.lr = lr
 
-    def train_record(self, lr: float) -> dict:
+    def train_record(self) -> dict:
         """The mean loss and gradient norm of the steps since the last record, and where training stands."""
         state = self.state
         samples, tokens, seconds = self._logged
@@ -151,7 +154,7 @@ class Meter:
         state.unlogged = []
         self._logged = (state.samples, state.tokens, state.train_seconds)
         tokens_per_s = (state.tokens - tokens) / max(state.train_seconds - seconds, 1e-9)
-        record = {"train/loss": sum(losses) / len(losses), "train/lr": lr,
+        record = {"train/loss": sum(losses) / len(losses), "train/lr": state.lr,
                   "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/samples": state.samples,
                   "train/epoch": round(state.samples / self.sampler.num_samples, 6), "train/tokens_per_s": round(tokens_per_s, 1)}
         if self._bar is not None:

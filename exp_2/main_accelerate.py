@@ -120,7 +120,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
                 window_loss += backward_micro_batch(accelerator, model, batch)
                 if not accelerator.sync_gradients:
                     continue
-                lr_now = scheduler.get_last_lr()[0]
+                step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule advance
@@ -131,18 +131,18 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
             shared = accelerator.reduce(torch.stack([window_loss.float(), torch.tensor(
                 float(Preemption.requested), device=accelerator.device)]), "sum").tolist()
             loss, stop, window_loss = shared[0], shared[1] > 0, 0.0
-            meter.step_done(loss, float(grad_norm))
+            meter.step_done(loss, float(grad_norm), step_lr)
             if not math.isfinite(loss):
                 raise diverged(loss, state)
             if state.step % cfg.train.log_every == 0:
-                tracker.log(meter.train_record(lr_now), step=state.step)
+                tracker.log(meter.train_record(), step=state.step)
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or stop:
                 points.save(Weights.of(plain_model), optimizer, scheduler, accelerator.scaler, state)
                 meter.pause()
             if stop:
                 raise Preemption.stop(state.step)
         if state.unlogged:  # the epoch's last steps, when log_every does not divide them
-            tracker.log(meter.train_record(lr_now), step=state.step)
+            tracker.log(meter.train_record(), step=state.step)
 
         # validate, then checkpoint: the epoch's resume point first, then last/best from the same bytes, so a kill
         # between the two is repaired from the point on --resume

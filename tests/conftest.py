@@ -5,6 +5,7 @@ Nothing here touches the network: HF_HUB_OFFLINE is set, tokenizers come from th
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,127 @@ def tiny_config(tmp_path: Path, model_name: str, data_path: Path, **sections) ->
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+FORK_SERVER = r"""
+import json, os, signal, sys
+import torch
+import exp_1.main, exp_2.main, exp_2.main_accelerate
+import exp_1.data, exp_1.model, exp_1.rundir, exp_1.tracking, exp_1.train, exp_1.utils, accelerate, wandb
+from transformers import BertModel, ModernBertModel  # imported lazily otherwise: ~3 s in every run
+from exp_1.cli import run_cli
+
+entries = {"exp1": exp_1.main, "exp2": exp_2.main, "accelerate": exp_2.main_accelerate}
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped at once; each writes its exit code to a file
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)
+        continue
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    null, log = os.open(os.devnull, os.O_RDONLY), os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(null, 0), os.dup2(log, 1), os.dup2(log, 2)
+    os.environ.update(request["env"])
+    if "OMP_NUM_THREADS" in request["env"]:
+        torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+    sys.argv = [request["entry"], *request["argv"]]
+    code = 1
+    try:
+        run_cli(entries[request["entry"]].main)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    sys.stdout.flush(), sys.stderr.flush()
+    with open(request["log"] + ".code", "w") as f:
+        f.write(str(code))
+    os._exit(code)
+"""
+
+
+class Forked:
+    """A run in a process forked from the fork server: killed, signalled and waited for like any process."""
+
+    def __init__(self, pids: list[int], logs: list[Path]):
+        self.pids, self.logs = pids, logs
+
+    @property
+    def pid(self) -> int:
+        return self.pids[0]
+
+    def running(self) -> bool:
+        return any(Path(f"/proc/{pid}").exists() for pid in self.pids)
+
+    def signal(self, signum: int) -> None:
+        import signal as signals
+
+        for pid in self.pids:
+            try:
+                os.killpg(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float = 600) -> tuple[int | None, str]:
+        """(exit code of the first process, its output); the code is None when a signal ended it."""
+        import time
+
+        deadline = time.time() + timeout
+        while self.running():
+            if time.time() > deadline:
+                raise TimeoutError(f"processes {self.pids} still running after {timeout} s")
+            time.sleep(0.01)
+        code_file = Path(str(self.logs[0]) + ".code")
+        return (int(code_file.read_text()) if code_file.exists() else None), self.logs[0].read_text()
+
+
+class ForkServer:
+    """A Python process that has imported the project once and forks a fresh process for every run it is asked to
+    start. Such a run is a separate process, ended by SIGKILL or a signal like any other, and it starts without the
+    ~4 s of imports: that is what lets tests kill and resume runs dozens of times."""
+
+    def __init__(self, folder: Path):
+        import subprocess
+
+        self.folder, self.count = folder, 0
+        self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, cwd=PROJECT)
+
+    def start(self, entry: str, argv: list[str], processes: int = 1, env: dict | None = None) -> Forked:
+        """`entry` is exp1, exp2 or accelerate; with processes > 1, one forked process per rank, as torchrun would
+        start them (gloo on the CPU)."""
+        import json
+        import socket
+
+        pids, logs = [], []
+        ranks = [{}]
+        if processes > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(processes),
+                      "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                      "OMP_NUM_THREADS": "1"} for r in range(processes)]
+        for rank_env in ranks:
+            self.count += 1
+            log = self.folder / f"run{self.count}.log"
+            self.process.stdin.write(json.dumps({"entry": entry, "argv": [str(a) for a in argv], "log": str(log),
+                                                 "env": {**(env or {}), **rank_env}}) + "\n")
+            self.process.stdin.flush()
+            pids.append(int(self.process.stdout.readline()))
+            logs.append(log)
+        return Forked(pids, logs)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("forked"))
+    yield server
+    server.close()
