@@ -34,8 +34,9 @@ def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_steps: int):
-    """Counts optimizer steps, not micro-batches: warmup and decay fit every accumulation setting."""
-    warmup = math.ceil(total_steps * train.warmup_ratio)
+    """Counts optimizer steps, not micro-batches: warmup and decay fit every accumulation setting. Warmup leaves at
+    least one step at the full rate (10% of a single step must not round up to a run that never trains)."""
+    warmup = min(math.ceil(total_steps * train.warmup_ratio), max(total_steps - 1, 0))
     return get_scheduler(SCHEDULES[train.scheduler], optimizer, num_warmup_steps=warmup,
                          num_training_steps=total_steps)
 
