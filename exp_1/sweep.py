@@ -40,10 +40,10 @@ def main(argv=None) -> dict[Path, str]:
                    '--num_processes 8" (default: this python)')
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run each config once per training seed, named <name>_seed<SEED> (the split stays "
-                   "data.split_seed's, so the runs share a test set)")
+                   "data.split_seed's, so the runs share a test set); may come before the configs")
     p.add_argument("--group", help="WandB group of the sweep's runs (default: the config names joined with +)")
     p.add_argument("--out", type=Path, default=Path("training_results"), help="default: training_results/")
-    args = p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(_seeds_first(sys.argv[1:] if argv is None else list(argv)))
     overrides = [item for item in args.items if "=" in item]
     configs = [Path(item) for item in args.items if "=" not in item]
     if not configs:
@@ -99,6 +99,18 @@ def main(argv=None) -> dict[Path, str]:
         written = write_results(find_runs(done), args.out)
         print(f"results: {', '.join(sorted({str(path.parent) for path in written}))}")
     return outcomes
+
+
+def _seeds_first(argv: list[str]) -> list[str]:
+    """Move `--seeds 1 2 3` (only its numbers) to the end, so that configs and overrides after it stay configs and
+    overrides: `--seeds 1 2 3 configs/a.yaml` and `configs/a.yaml --seeds 1 2 3` mean the same."""
+    if "--seeds" not in argv:
+        return argv
+    start = argv.index("--seeds")
+    end = start + 1
+    while end < len(argv) and argv[end].lstrip("-").isdigit():
+        end += 1
+    return argv[:start] + argv[end:] + argv[start:end]
 
 
 class SweepStopped(Exception):
