@@ -98,6 +98,7 @@ def main(argv=None) -> list[tuple[str, float]]:
     p.add_argument("texts", nargs="*", help="reviews to classify")
     p.add_argument("--file", type=Path, help="more reviews: .txt (one per line), .csv or .jsonl with a text column")
     p.add_argument("--out", type=Path, help="write text, label, probability to this .csv or .jsonl instead of printing")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_intermixed_args(argv)
 
@@ -111,6 +112,10 @@ def main(argv=None) -> list[tuple[str, float]]:
         raise UserError(f"--batch-size={args.batch_size} must be a positive integer")
     if args.out is not None and not args.out.parent.is_dir():
         raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    if args.out is not None and args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give a .csv or .jsonl file name")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file name")
     texts = args.texts + (read_texts(args.file) if args.file else [])
     if not texts:
         raise UserError(f"--file {args.file} holds no reviews" if args.file else

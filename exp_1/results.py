@@ -143,16 +143,18 @@ def _parse_predictions(text: str) -> dict:
 # ----------------------------------------------------------------------------------------------- rows
 
 def group_rows(runs: list[Run]) -> list[Row]:
-    """Runs with the same configuration apart from the seed (and name, tracking) are one row; the where (output_dir)
-    and how (script, processes) of a run are part of its configuration."""
+    """Runs of one name (apart from a _seed<N> ending, as exp_1/sweep.py --seeds names them) with the same
+    configuration apart from the seed (and tracking) are one row; where (output_dir) and how (script, processes) a
+    run ran are part of its configuration."""
     rows: dict[str, Row] = {}
     for run in runs:
-        key = json.dumps([_configuration(run), run.metrics["script"], run.metrics["num_processes"]], sort_keys=True)
-        rows.setdefault(key, Row([])).runs.append(run)
+        label = re.sub(r"_seed\d+$", "", run.path.name)
+        key = json.dumps([label, _configuration(run), run.metrics["script"], run.metrics["num_processes"]],
+                         sort_keys=True)
+        rows.setdefault(key, Row([], label)).runs.append(run)
     rows = list(rows.values())
     for row in rows:
         row.runs.sort(key=lambda run: run.metrics.get("seed", 0))
-        row.label = re.sub(r"_seed\d+$", "", row.first.path.name)
     for label in {row.label for row in rows}:
         same = [row for row in rows if row.label == label]
         if len(same) > 1:  # tell them apart by what differs between them
@@ -383,7 +385,7 @@ def batch_plot(rows: list[Row]) -> bytes:
 def confusion_plot(rows: list[Row]) -> bytes:
     columns = min(3, len(rows))
     lines = math.ceil(len(rows) / columns)
-    figure = Figure(figsize=(3.4 * columns + 1, 3.0 * lines + 0.6), dpi=120, layout="constrained")
+    figure = Figure(figsize=(max(8, 3.4 * columns + 1), max(4.8, 3.0 * lines + 0.6)), dpi=120, layout="constrained")
     figure.suptitle("Confusion matrices on the test reviews (all seeds of a row added)")
     for i, row in enumerate(rows):
         counts = sum(stats.confusion(run.predictions["label"], run.predictions["predicted"]) for run in row.runs)

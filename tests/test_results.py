@@ -1,8 +1,10 @@
 """What people look at: plots and tables generated from run directories, the sweep command, the predict command."""
 
+import itertools
 import json
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -15,55 +17,142 @@ from exp_1 import main as exp1
 from exp_1 import predict, results, sweep
 from exp_1.config import UserError
 from exp_1.data import load_reviews
-from exp_1.utils import run_cli
+from exp_1.cli import run_cli
 from exp_2 import main as exp2
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_bert, tiny_modernbert) -> Path:
-    """A runs folder with one exp_1 run and two exp_2 runs of tiny models."""
+    """A runs folder with one exp_1 run and three exp_2 runs of tiny models, two of them differing only in seed."""
     root = tmp_path_factory.mktemp("finished")
     data = write_reviews(root / "reviews")
     runs = str(root / "runs")
     exp1.main(["--config", str(tiny_config(root, tiny_bert, data, name="bert_b8", output_dir=runs))])
-    for name, model in (("bert_eb16", tiny_bert), ("modernbert_eb16", tiny_modernbert)):
-        exp2.main(["--config", str(tiny_config(root, model, data, name=name, output_dir=runs,
+    for name, model, seed in (("bert_eb16_seed1", tiny_bert, 1), ("bert_eb16_seed2", tiny_bert, 2),
+                              ("modernbert_eb16", tiny_modernbert, 7)):
+        exp2.main(["--config", str(tiny_config(root, model, data, name=name, output_dir=runs, seed=seed,
                                                train={"epochs": 3, "effective_batch_size": 16}))])
     return root / "runs"
 
 
 def _table_rows(readme: Path) -> dict:
-    lines = [line for line in readme.read_text().splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return {row["run"]: row for row in
-            (dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:])}
+    """The first table of a results README, by row label."""
+    lines = readme.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| row |"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    return {row["row"]: row for row in
+            (dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:])}
 
 
-def test_results_writes_valid_plots_and_tables_that_match_each_runs_metrics(finished, tmp_path):
+def test_results_writes_plots_tables_and_error_analysis_that_match_the_runs(finished, tmp_path):
     out = tmp_path / "training_results"
     (out / "elsewhere").mkdir(parents=True)
     (out / "elsewhere" / "README.md").write_text("another experiment's results")
 
     results.main([str(finished), "--out", str(out)])
 
-    for experiment, runs in (("exp_1", ["bert_b8"]), ("exp_2", ["bert_eb16", "modernbert_eb16"])):
-        for name in ("val_loss.png", "val_accuracy.png", "train_loss.png"):
+    expected = {"exp_1": {"bert_b8": ["bert_b8"]},
+                "exp_2": {"bert_eb16": ["bert_eb16_seed1", "bert_eb16_seed2"], "modernbert_eb16": ["modernbert_eb16"]}}
+    for experiment, rows in expected.items():
+        for name in ("val_loss.png", "val_accuracy.png", "train_loss.png", "confusion.png", "accuracy_by_length.png",
+                     "calibration.png"):
             with Image.open(out / experiment / name) as image:
                 image.verify()
                 assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 500
-        rows = _table_rows(out / experiment / "README.md")
-        assert sorted(rows) == runs
-        for name, row in rows.items():
-            metrics = json.loads((finished / name / "metrics.json").read_text())
-            assert row["model"] == metrics["model"]
-            assert int(row["effective batch"]) == metrics["effective_batch_size"]
-            assert int(row["epochs"]) == metrics["epochs"]
-            assert int(row["optimizer steps"]) == metrics["optimizer_steps"]
-            assert float(row["lr"]) == metrics["lr"]
-            for column, key in (("test loss", "test_loss"), ("test accuracy", "test_accuracy"), ("test F1", "test_f1")):
-                assert float(row[column]) == round(metrics[key], 4), (name, column)
-            assert float(row["train samples/s"]) == round(metrics["train_samples_per_s"], 1)
+        table = _table_rows(out / experiment / "README.md")
+        assert sorted(table) == sorted(rows)
+        for label, names in rows.items():
+            metrics = [json.loads((finished / name / "metrics.json").read_text()) for name in names]
+            row = table[label]
+            assert int(row["seeds"]) == len(names)
+            assert row["model"] == metrics[0]["model"]
+            assert int(row["effective batch"]) == metrics[0]["effective_batch_size"]
+            assert float(row["lr"]) == metrics[0]["lr"]
+            for column, key in (("test accuracy", "test_accuracy"), ("test loss", "test_loss"), ("test F1", "test_f1")):
+                values = [m[key] for m in metrics]
+                mean, *sd = row[column].split(" ± ")
+                assert float(mean) == round(statistics.mean(values), 4), (label, column)
+                assert [float(x) for x in sd] == ([round(statistics.stdev(values), 4)] if len(values) > 1 else [])
+            low, high = (float(x) for x in row["95% interval"].split(" – "))
+            assert low <= float(row["test accuracy"].split(" ± ")[0]) <= high
+            assert row["interval from"] == (f"t over {len(names)} seeds" if len(names) > 1 else "bootstrap over 20 reviews")
+        text = (out / experiment / "README.md").read_text()
+        for section in ("## Error analysis", "### Confusion matrices", "### Accuracy by review length",
+                        "### Calibration", "### Most confident mistakes"):
+            assert section in text
+    assert "## Comparisons" in (out / "exp_2" / "README.md").read_text()
     assert (out / "elsewhere" / "README.md").read_text() == "another experiment's results"
+
+
+def test_comparisons_a_run_against_itself_is_zero_with_p_1_and_unranked(finished, tmp_path):
+    copy = tmp_path / "again" / "modernbert_eb16"
+    shutil.copytree(finished / "modernbert_eb16", copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["output_dir"] = str(tmp_path / "again")  # the same configuration elsewhere: its own row
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    results.main([str(finished / "modernbert_eb16"), str(copy), "--out", str(out)])
+    text = (out / "exp_2" / "README.md").read_text()
+    comparisons = text.split("## Comparisons")[1]
+    comparison = [line for line in comparisons.splitlines() if line.startswith("| modernbert_eb16 (in=runs)")][0]
+    cells = [cell.strip() for cell in comparison.strip("|").split("|")]
+    assert cells[2:7] == ["+0.00", "+0.00 to +0.00", "1", "1", "no"]
+    sentence = [line for line in text.splitlines() if line.startswith("- ")][0]
+    assert "not significantly different" in sentence and "do not rank them" in sentence
+
+
+def test_comparisons_name_a_real_difference_and_say_which_is_better(tmp_path):
+    """Rows on the same 400 reviews, right on 95% and 80% of them: significant, and the better one named first."""
+    def run(name: str, correct: int) -> Path:
+        folder = tmp_path / "runs" / name
+        (folder / "predictions").mkdir(parents=True)
+        rows = ["index,label,predicted,prob_positive,loss,tokens,truncated,text"]
+        rows += [f"{i},{i % 2},{i % 2 if i < correct else 1 - i % 2},0.9,0.1,100,0,review {i}" for i in range(400)]
+        (folder / "predictions" / "test.csv").write_text("\n".join(rows) + "\n")
+        (folder / "config.yaml").write_text(yaml.safe_dump({"name": name, "train": {"lr": 0.1 if correct > 350 else 0.2}}))
+        (folder / "history.jsonl").write_text("")
+        (folder / "metrics.json").write_text(json.dumps({
+            "script": "exp_2/main.py", "model": "m", "effective_batch_size": 8, "epochs": 1, "optimizer_steps": 1,
+            "lr": 0.1, "test_loss": 0.1, "test_accuracy": correct / 400, "test_f1": 0.5, "wall_seconds": 1,
+            "train_samples_per_s": 1, "device": "cpu", "precision": "fp32", "num_processes": 1}))
+        return folder
+
+    out = tmp_path / "out"
+    results.main([str(run("good", 380)), str(run("worse", 320)), "--out", str(out)])
+    sentence = [line for line in (out / "exp_2" / "README.md").read_text().splitlines() if line.startswith("- ")]
+    assert sentence[0].startswith("- **good** is more accurate than **worse** (+15.0 points")
+
+
+def test_results_of_old_runs_without_prediction_files_say_what_they_lack(finished, tmp_path, capsys):
+    old = tmp_path / "old" / "bert_b8"
+    shutil.copytree(finished / "bert_b8", old)
+    shutil.rmtree(old / "predictions")
+    results.main([str(old), "--out", str(tmp_path / "out")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "lacks predictions/test.csv" in notes[0]
+    assert _table_rows(tmp_path / "out" / "exp_1" / "README.md")["bert_b8"]["95% interval"] == "n/a"
+
+
+def test_results_replace_a_folder_whole_or_not_at_all(finished, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    results.main([str(finished / "bert_b8"), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in (out / "exp_1").iterdir()}
+    written = []
+    real = Path.write_bytes
+
+    def disk_full_on_the_third(self, data):
+        written.append(self)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_on_the_third)
+    with pytest.raises(UserError, match="cannot write .*exp_1: No space left on device; the previous results are kept"):
+        results.main([str(finished / "bert_b8"), "--out", str(out)])
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (out / "exp_1").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["exp_1"]
 
 
 def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_path):
@@ -78,9 +167,17 @@ def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_p
     (foreign / "metrics.json").write_text('{"accuracy": 0.9}')
     with pytest.raises(UserError, match="metrics.json lacks script, model"):
         results.main([str(foreign), "--out", str(tmp_path / "out")])
-    (foreign / "history.jsonl").write_text("{not json\n")
-    with pytest.raises(UserError, match="foreign: cannot read its run files"):
-        results.main([str(foreign), "--out", str(tmp_path / "out")])
+    for name, content, message in (("metrics.json", "[1, 2]", "holds no JSON object"),
+                                   ("metrics.json", "{half", "metrics.json: cannot read it"),
+                                   ("history.jsonl", "{not json\n", "history.jsonl: cannot read it"),
+                                   ("config.yaml", "a: [b\n", "config.yaml: cannot read it")):
+        good = (foreign / name).read_text()
+        if name != "metrics.json":
+            (foreign / "metrics.json").write_text(json.dumps(dict.fromkeys(results.METRICS, 1) | {"script": "exp_1/x"}))
+        (foreign / name).write_text(content)
+        with pytest.raises(UserError, match=message):
+            results.main([str(foreign), "--out", str(tmp_path / "out")])
+        (foreign / name).write_text(good)
     assert not (tmp_path / "out").exists()
 
 
@@ -96,7 +193,8 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
         tmp_path / "runs" / "third": "finished"}
     assert "data.path=" in capfd.readouterr().err  # the failed run's own one-line reason
     assert sorted(_table_rows(out / "exp_1" / "README.md")) == ["first", "third"]
-    assert yaml.safe_load((tmp_path / "runs" / "first" / "config.yaml").read_text())["seed"] == 3  # overrides apply
+    saved = yaml.safe_load((tmp_path / "runs" / "first" / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["tracking"]["group"] == "first+broken+third"  # overrides and group apply
 
     finished_at = (tmp_path / "runs" / "first" / "metrics.json").stat().st_mtime_ns
     with pytest.raises(SystemExit) as exit_info:
@@ -109,13 +207,26 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
     (tmp_path / "runs" / "first" / "metrics.json").unlink()
     (tmp_path / "runs" / "third" / "metrics.json").unlink()
     shutil.rmtree(tmp_path / "runs" / "third" / "checkpoints" / "resume")
-    assert sweep.main([configs[0], configs[2], "--out", str(out), "seed=3"]) == {
+    assert sweep.main([configs[0], configs[2], "--out", str(out), "seed=3", "--group", "first+broken+third"]) == {
         tmp_path / "runs" / "first": "resumed", tmp_path / "runs" / "third": "finished"}
     assert "third: restarting (no resume point yet)" in capfd.readouterr().out
 
     # a finished run is only skipped for the config it was run with
     with pytest.raises(UserError, match=r"runs/first was run with another config \(it differs in seed\)"):
-        sweep.main([configs[0], "--out", str(out), "seed=4"])
+        sweep.main([configs[0], "--out", str(out), "seed=4", "--group", "first+broken+third"])
+
+
+def test_sweep_seeds_run_each_config_once_per_seed_into_one_row(tmp_path, tiny_bert, reviews_dir):
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, name="seeded", train={"epochs": 1})
+    out = tmp_path / "training_results"
+    outcomes = sweep.main(["--seeds", "1", "2", str(config), "--out", str(out)])
+    assert sorted(path.name for path in outcomes) == ["seeded_seed1", "seeded_seed2"]
+    splits = [json.loads((tmp_path / "runs" / name / "split.json").read_text()) for name in ("seeded_seed1", "seeded_seed2")]
+    assert splits[0]["test"] == splits[1]["test"]  # other training seeds, one shared test set
+    metrics = [json.loads((tmp_path / "runs" / name / "metrics.json").read_text()) for name in ("seeded_seed1", "seeded_seed2")]
+    assert [m["seed"] for m in metrics] == [1, 2] and {m["split_seed"] for m in metrics} == {42}
+    assert _table_rows(out / "exp_1" / "README.md")["seeded"]["seeds"] == "2"
+    assert set(sweep.main([str(config), "--seeds", "1", "2", "--out", str(out)]).values()) == {"skipped"}
 
 
 def test_predict_gives_the_evaluations_predictions_for_the_test_reviews(finished, tmp_path):
@@ -148,7 +259,8 @@ def test_predict_gives_the_evaluations_predictions_for_the_test_reviews(finished
 
 @pytest.mark.parametrize("case", ["missing run", "unfinished run", "missing file", "broken jsonl", "csv without text",
                                   "jsonl without text", "not utf-8", "unknown file type", "empty file", "no reviews",
-                                  "missing output folder"])
+                                  "missing output folder", "existing output file", "output is a folder",
+                                  "damaged checkpoint"])
 def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -159,6 +271,10 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
     (tmp_path / "reviews.docx").write_text("x")
     (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"review": "no text key"}\n')
     (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "dir.csv").mkdir()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished / "bert_b8", damaged)
+    (damaged / "checkpoints" / "best.safetensors").write_bytes(b"\0" * 100)
     run = str(finished / "bert_b8")
     argv, expected = {
         "missing run": ([str(tmp_path / "nope"), "good"], "is not a run directory"),
@@ -172,6 +288,9 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
         "empty file": ([run, "--file", str(tmp_path / "empty.txt")], "empty.txt holds no reviews"),
         "no reviews": ([run], "no reviews given"),
         "missing output folder": ([run, "good", "--out", str(tmp_path / "no" / "p.csv")], "folder"),
+        "existing output file": ([run, "good", "--out", str(tmp_path / "notext.csv")], "exists; pass --overwrite"),
+        "output is a folder": ([run, "good", "--out", str(tmp_path / "dir.csv")], "is a folder"),
+        "damaged checkpoint": ([str(damaged), "good"], "does not load into this model"),
     }[case]
     monkeypatch.setattr(sys, "argv", ["predict.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
