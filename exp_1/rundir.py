@@ -322,7 +322,6 @@ class ResumePoints:
         self.run, self.layout = run, layout
         self.process_index, self.barrier = process_index, barrier
         self.is_main = process_index == 0
-        self.logged_before_resume = 0  # the last optimizer step the history held when a resume cut it back
 
     def save(self, weights: Optional[Weights], optimizer, scheduler, scaler, state) -> None:
         """`weights` (the main process's model, serialised) may be None on other processes."""
@@ -369,7 +368,6 @@ class ResumePoints:
         _set_rng_states(load_safetensors((folder / f"rng_{self.process_index}.safetensors").read_bytes()))
         state = trainer["state"]
         if self.is_main:
-            self.logged_before_resume = _last_logged_step(self.run.history)
             write_file(self.run.history, (folder / "history.jsonl").read_bytes())
             self._check_best(folder, files, state)
             print(f"resuming {self.run.path} from resume point {folder.name}: epoch {state['epoch']}, micro-batch "
@@ -474,17 +472,6 @@ def _saved_epoch(path: Path) -> int:
             return int(json.loads(metadata.get("checkpoint", "{}")).get("epoch", 0))
     except (OSError, ValueError, AttributeError):
         return 0
-
-
-def _last_logged_step(history: Path) -> int:
-    step = 0
-    if history.exists():
-        for line in history.read_bytes().splitlines():
-            try:
-                step = max(step, int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return step
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import netrc
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig
@@ -75,9 +77,12 @@ def wandb_choices(tracking: DictConfig) -> dict:
 class Tracker:
     """history.jsonl and WandB for one run. On processes other than the main one (`active=False`) it does nothing."""
 
-    def __init__(self, run: RunDir, cfg: DictConfig, facts: dict, logged_before_resume: int = 0, active: bool = True):
+    def __init__(self, run: RunDir, cfg: DictConfig, facts: dict, active: bool = True):
         self.run, self.cfg, self.facts, self.active = run, cfg, facts, active
-        self.logged_before_resume = logged_before_resume  # steps WandB has already seen, before a kill
+        # What a resumed run logged before its resume point (history.jsonl is cut back to it): WandB is given the
+        # part it does not have, so that its charts hold every step once, whatever a kill lost in transit.
+        self.earlier = _read_history(run.history) if active else []
+        self.new_from_step = 0  # WandB holds the steps below it already
         self.wandb_run = None
         self._started_message = ""
         self._starting: Optional[threading.Thread] = None
@@ -90,7 +95,7 @@ class Tracker:
         if not self.active:
             return
         appending(self.run.history, json.dumps({"step": step, **values, "time": round(time.time(), 3)}) + "\n")
-        if self._wandb() is not None and step > self.logged_before_resume:
+        if self._wandb() is not None and step >= self.new_from_step:
             with self._guard():
                 self.wandb_run.log({k: v for k, v in values.items() if not k.endswith("/n")}, step=step)
 
@@ -151,6 +156,7 @@ class Tracker:
                 self.wandb_run.define_metric("val/*", step_metric="epoch")
                 for name, summary in (("val/accuracy", "max"), ("val/f1", "max"), ("val/loss", "min")):
                     self.wandb_run.define_metric(name, step_metric="epoch", summary=summary)
+                self._send_earlier(attempt)
             except Exception as err:  # wandb raises many types; none of them may stop training
                 self._wandb_failed(err)
                 continue
@@ -158,6 +164,23 @@ class Tracker:
                                      f"WandB: offline run in {self.run.path / 'wandb'} (upload it later with "
                                      "`wandb sync`, see the README)")
             return
+
+    def _send_earlier(self, mode: str) -> None:
+        """Online, the service knows the steps it has and continues after them. Offline, a killed process's file
+        lost what it had not flushed: the new offline run gets the whole history and replaces the earlier partial
+        ones (`wandb sync` then uploads one complete run)."""
+        if mode == "offline":
+            current = Path(self.wandb_run.dir).parent
+            for earlier in (self.run.path / "wandb").glob(f"offline-run-*-{self.wandb_run.id}"):
+                if earlier != current:
+                    shutil.rmtree(earlier, ignore_errors=True)
+        self.new_from_step = self.wandb_run.step
+        for record in self.earlier:
+            if record["step"] >= self.new_from_step:
+                self.wandb_run.log({k: v for k, v in record.items() if k not in ("step", "time") and
+                                    not k.endswith("/n")}, step=record["step"])
+        if self.earlier:
+            self.new_from_step = max(self.new_from_step, self.earlier[-1]["step"])
 
     def _wandb(self):
         """The WandB run once its start has finished; None when disabled or unavailable."""
@@ -180,6 +203,12 @@ class Tracker:
     def _wandb_failed(err: Exception) -> None:
         print(f"WandB unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
               "training continues, history.jsonl still records everything", file=sys.stderr)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -65,7 +65,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # tracking: history.jsonl and WandB
     facts = run_facts("exp_2/main.py", accum_steps, loaders.sampler.effective_batch, 1, lr, device.type, precision,
                       splits.record)
-    tracker = Tracker(run, cfg, facts, points.logged_before_resume)
+    tracker = Tracker(run, cfg, facts)
     meter = Meter(state, loaders.sampler)
     print(describe(cfg, facts, steps_per_epoch))
 

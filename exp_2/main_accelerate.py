@@ -105,7 +105,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # tracking: history.jsonl and WandB, on the main process
     facts = run_facts("exp_2/main_accelerate.py", accum_steps, loaders.sampler.effective_batch,
                       accelerator.num_processes, lr, accelerator.device.type, precision, splits.record)
-    tracker = Tracker(run, cfg, facts, points.logged_before_resume, active=is_main)
+    tracker = Tracker(run, cfg, facts, active=is_main)
     meter = Meter(state, loaders.sampler, show=accelerator.is_local_main_process)
     accelerator.print(describe(cfg, facts, steps_per_epoch) + f" ({accelerator.distributed_type})")
 

@@ -209,8 +209,9 @@ class ForkServer:
         import subprocess
 
         self.folder, self.count = folder, 0
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # runs start their own WandB service
         self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, cwd=PROJECT)
+                                        stdout=subprocess.PIPE, text=True, cwd=PROJECT, env=env)
 
     def start(self, entry: str, argv: list[str], processes: int = 1, env: dict | None = None) -> Forked:
         """`entry` is exp1, exp2 or accelerate; with processes > 1, one forked process per rank, as torchrun would
