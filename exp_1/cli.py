@@ -28,9 +28,11 @@ class CliParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path) -> tuple[argparse.Namespace, DictConfig]:
+def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
+                   launcher: bool = False) -> tuple[argparse.Namespace, DictConfig]:
     """The arguments and the resolved config of an entry script. --help, --print-config and --device-check answer
-    here and exit 0; nothing has been written then."""
+    here and exit 0; nothing has been written then. `launcher`: the script takes the mixed precision of
+    `accelerate launch` / `accelerate config` (exp_2/main_accelerate.py)."""
     parser = CliParser(prog=Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else None,
                        description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=config_help())
@@ -50,9 +52,9 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path) ->
         print(OmegaConf.to_yaml(cfg), end="")
         raise SystemExit(0)
     if args.device_check:
-        from exp_1.utils import device_report
+        from exp_1.utils import device_report, launcher_precision
 
-        print(device_report(cfg))
+        print(device_report(cfg, launcher_precision() if launcher else None))
         raise SystemExit(0)
     return args, cfg
 

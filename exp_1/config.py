@@ -51,11 +51,11 @@ class DataConfig:
     path: str = "stanfordnlp/imdb"  # hub dataset id or local folder
     split: List[float] = field(default_factory=lambda: [9.0, 1.0, 1.0])  # train:validation:test weights
     split_seed: int = 42  # draws the split (and subsets): runs with other training seeds share one test set
-    max_length: int = 512
+    max_length: int = 512  # tokens per review, special tokens included; longer reviews are cut (data.truncation)
     truncation: str = "head"  # head | tail | head_tail: which tokens of a long review to keep (see README)
-    max_train_samples: Optional[int] = None
-    max_val_samples: Optional[int] = None
-    max_test_samples: Optional[int] = None
+    max_train_samples: Optional[int] = None  # a stratified subset of the training split (null: all of it)
+    max_val_samples: Optional[int] = None  # a stratified subset of the validation split (null: all of it)
+    max_test_samples: Optional[int] = None  # a stratified subset of the test split (null: all of it)
     group_by_length: bool = True  # batches of similar length: far less padding, same samples per optimizer step
     pad_to_multiple_of: Optional[int] = None  # null: 64 on GPUs (few distinct shapes), none on CPU
     num_workers: int = 0  # DataLoader worker processes; collation is light, 0 is fine on CPU
@@ -66,13 +66,13 @@ class TrainConfig:
     batch_size: int = 16  # per device, per forward pass (micro-batch)
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     effective_batch_size: Optional[int] = None  # if set: grad_accum_steps = this / (batch_size * processes)
-    epochs: int = 3
+    epochs: int = 3  # passes over the training split
     optimizer: str = "adamw"  # adamw | adam
-    lr: float = 2e-5
+    lr: float = 2e-5  # peak learning rate, reached after warmup
     lr_scaling: str = "none"  # none | sqrt | linear: scale lr by effective batch / lr_reference_batch
     lr_reference_batch: int = 32  # the effective batch that `lr` was tuned for
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01  # AdamW decay of weight matrices (not of biases and norms)
+    warmup_ratio: float = 0.1  # share of the optimizer steps spent raising the lr from 0
     scheduler: str = "linear"  # linear | cosine | constant
     max_grad_norm: Optional[float] = 1.0  # null disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -101,7 +101,7 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    name: str = "run"
+    name: str = "run"  # the run's folder name, and its WandB name
     output_dir: str = "runs"  # the run directory is output_dir/name
     seed: int = 42  # model initialisation, data order and dropout (the split has data.split_seed)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -128,5 +128,10 @@ def main(argv=None) -> dict:
     return run_experiment(cfg, args.resume, args.overwrite)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject.toml)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

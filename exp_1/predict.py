@@ -139,5 +139,10 @@ def main(argv=None) -> list[tuple[str, float]]:
     return predictions
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject.toml)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

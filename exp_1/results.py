@@ -568,5 +568,10 @@ def main(argv=None) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject.toml)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

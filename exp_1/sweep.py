@@ -133,7 +133,8 @@ def run_child(command: list[str]) -> int:
         raise
 
 
-def cli(argv: list[str]) -> None:
+def run(argv: list[str]) -> None:
+    """main, with the sweep's own exit codes: 1 when a run failed, 130/143 when the sweep was stopped."""
     signal.signal(signal.SIGTERM, _stop)
     try:
         outcomes = main(argv)
@@ -144,5 +145,10 @@ def cli(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def cli() -> None:
+    """The console command (pyproject.toml)."""
+    run_cli(run)
+
+
 if __name__ == "__main__":
-    run_cli(cli)
+    cli()

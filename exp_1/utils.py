@@ -120,10 +120,7 @@ def launcher_precision() -> str | None:
     value = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""))
     if value != "fp32":
         return value
-    try:
-        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        launcher = []
+    launcher = launcher_command()
     if any(arg.startswith(("--mixed_precision", "--mixed-precision")) for arg in launcher):
         return value
     config_file = next((launcher[i + 1] for i, arg in enumerate(launcher[:-1]) if arg in ("--config_file", "--config-file")),
@@ -140,8 +137,17 @@ def launcher_precision() -> str | None:
     return None
 
 
-def device_report(cfg) -> str:
-    """What --device-check prints: what this machine offers, and what a run of `cfg` would use and why."""
+def launcher_command() -> list[str]:
+    """The command line of the process that started this one (Linux), e.g. `accelerate launch --mixed_precision bf16`."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def device_report(cfg, launcher: str | None = None) -> str:
+    """What --device-check prints: what this machine offers, and what a run of `cfg` would use and why
+    (`launcher`: the mixed precision `accelerate launch` chose, for the Accelerate script)."""
     lines = [f"torch {torch.__version__}: " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
                                                 else "a CPU-only build"),
              f"CUDA usable: {torch.cuda.is_available()}" + (
@@ -152,7 +158,6 @@ def device_report(cfg) -> str:
                  if driver else "NVIDIA driver: none found (no nvidia-smi, no /proc/driver/nvidia)")
     lines.append(f"Apple MPS usable: {torch.backends.mps.is_available()}")
     lines.append(f"CPU: {torch.get_num_threads()} threads, native bf16 matmuls: {cpu_has_fast_bf16()}")
-    launcher = launcher_precision()
     if launcher:
         lines.append(f"launcher's mixed precision: {launcher} (used when train.precision is auto)")
     try:

@@ -181,7 +181,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 def main(argv=None) -> dict:
     if "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ:
         die_with_parent()  # started by `accelerate launch` or torchrun: end with it, never write on as an orphan
-    args, cfg = parse_and_load(argv, __doc__, DEFAULT_CONFIG)
+    args, cfg = parse_and_load(argv, __doc__, DEFAULT_CONFIG, launcher=True)
     try:
         return run_experiment(cfg, args.resume, args.overwrite)
     except RuntimeError as err:  # torch.distributed: a peer process stopped answering, or died
@@ -200,5 +200,10 @@ def _lost_peer(err: RuntimeError) -> bool:
         words in text for words in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject.toml)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

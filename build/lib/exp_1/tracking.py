@@ -1,0 +1,249 @@
+"""What a run records as it goes: history.jsonl (everything, always) and WandB (best effort).
+
+WandB never stops or stalls training: no account, no network or a failing service leaves the run offline in
+run_dir/wandb, for `wandb sync` later, or without WandB (history.jsonl still has everything). It starts in a
+background thread, because its import and start take over a second that training need not wait for.
+
+Dashboards line up without editing a panel: train metrics are plotted against samples seen (`train/samples`), so runs
+with other effective batches share an axis; validation metrics against `epoch`. A resumed run continues the same WandB
+run (its id is kept in run.json), and steps logged before a kill are not logged again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import netrc
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from exp_1.config import PROJECT_NAME, PROJECT_ROOT, to_plain_dict
+from exp_1.rundir import RunDir, appending
+
+LABELS = ("negative", "positive")
+
+
+def run_facts(script: str, accum_steps: int, effective_batch: int, processes: int, lr: float, device: str,
+              precision: str, split: dict) -> dict:
+    """What a run derived from its config and machine: WandB's `derived` config section, and part of metrics.json."""
+    import accelerate
+    import torch
+    import transformers
+
+    sizes = {name: len(split[name]) for name in ("train", "validation", "test")}
+    indices = json.dumps([split["train"], split["validation"], split["test"], split["combined_size"]])
+    return {"script": script, "accum_steps": accum_steps, "effective_batch_size": effective_batch,
+            "num_processes": processes, "lr": lr, "device": device, "precision": precision,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "accelerate": accelerate.__version__},
+            "git_commit": git_commit(), "split_sizes": sizes,
+            "split_fingerprint": hashlib.sha256(indices.encode()).hexdigest()[:16]}
+
+
+def git_commit() -> Optional[str]:
+    """The project's commit (with -dirty when files changed), or None outside a git checkout."""
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                           timeout=5, check=True).stdout.strip()
+        return run("rev-parse", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def wandb_choices(tracking: DictConfig) -> dict:
+    """A config key that is set wins, then WandB's own environment variable, then the default."""
+    env = os.environ
+    mode = tracking.wandb_mode or {"dryrun": "offline", "run": "online"}.get(env.get("WANDB_MODE", ""),
+                                                                             env.get("WANDB_MODE")) or "auto"
+    tags = list(tracking.tags) or [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return {"mode": mode, "project": tracking.wandb_project or env.get("WANDB_PROJECT") or PROJECT_NAME,
+            "entity": tracking.wandb_entity or env.get("WANDB_ENTITY") or None,
+            "group": tracking.group or env.get("WANDB_RUN_GROUP") or None, "tags": tags}
+
+
+class Tracker:
+    """history.jsonl and WandB for one run. On processes other than the main one (`active=False`) it does nothing."""
+
+    def __init__(self, run: RunDir, cfg: DictConfig, facts: dict, active: bool = True):
+        self.run, self.cfg, self.facts, self.active = run, cfg, facts, active
+        # What a resumed run logged before its resume point (history.jsonl is cut back to it): WandB is given the
+        # part it does not have, so that its charts hold every step once, whatever a kill lost in transit.
+        self.earlier = _read_history(run.history) if active else []
+        self.new_from_step = 0  # WandB holds the steps below it already
+        self.wandb_run = None
+        self._started_message = ""
+        self._starting: Optional[threading.Thread] = None
+        if active:
+            self._starting = threading.Thread(target=self._start_wandb, name="wandb-start", daemon=True)
+            self._starting.start()
+
+    def log(self, values: dict, step: int) -> None:
+        """Everything to history.jsonl; to WandB all but counts (val/n), and only steps it has not seen yet."""
+        if not self.active:
+            return
+        appending(self.run.history, json.dumps({"step": step, **values, "time": round(time.time(), 3)}) + "\n")
+        if self._wandb() is not None and step >= self.new_from_step:
+            with self._guard():
+                self.wandb_run.log({k: v for k, v in values.items() if not k.endswith("/n")}, step=step)
+
+    def finish(self, metrics: dict, test_rows: dict, texts: list[str], step: int) -> None:
+        """The test record in history.jsonl; in WandB, the summary (each value once), a confusion matrix, the most
+        confidently wrong test reviews and, with tracking.log_model=best, the model as an artifact."""
+        if not self.active:
+            return
+        test = {f"test/{k[5:]}": v for k, v in metrics.items() if k.startswith("test_")}
+        appending(self.run.history, json.dumps({"step": step, **test, "test/n": metrics["n_test"],
+                                                "time": round(time.time(), 3)}) + "\n")
+        if self._wandb() is None:
+            return
+        import wandb
+
+        with self._guard():
+            self.wandb_run.summary.update({**test, **{k: v for k, v in metrics.items()
+                                                      if not k.startswith("test_") and k not in self.facts}})
+            labels, predicted, positive = test_rows["label"], test_rows["predicted"], test_rows["prob_positive"]
+            wrong = [i for i in sorted(range(len(labels)), key=lambda i: -abs(positive[i] - 0.5))
+                     if predicted[i] != labels[i]][:20]
+            table = wandb.Table(columns=["index", "review (start)", "label", "predicted", "probability positive"],
+                                data=[[int(test_rows["index"][i]), texts[i][:200], LABELS[labels[i]],
+                                       LABELS[predicted[i]], float(positive[i])] for i in wrong])
+            self.wandb_run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=[int(v) for v in labels], preds=[int(v) for v in predicted], class_names=list(LABELS)),
+                "test/most_confident_mistakes": table})
+            if self.cfg.tracking.log_model == "best":
+                artifact = wandb.Artifact(f"model-{self.wandb_run.id}", type="model",
+                                          metadata={"best_epoch": metrics["best_epoch"], **test})
+                artifact.add_file(str(self.run.best))
+                artifact.add_dir(str(self.run.model_dir), name="model")
+                self.wandb_run.log_artifact(artifact)
+            self.wandb_run.finish()
+        self.wandb_run = None
+
+    # --- WandB start, in a thread
+
+    def _start_wandb(self) -> None:
+        choices = wandb_choices(self.cfg.tracking)
+        mode = resolve_wandb_mode(choices["mode"])
+        if mode == "disabled":
+            return
+        model = self.cfg.model.name.rstrip("/").split("/")[-1]
+        tags = [model[:64], f"eb{self.facts['effective_batch_size']}", f"seed{self.cfg.seed}", *choices["tags"]]
+        for attempt in (mode, "offline") if mode == "online" else (mode,):
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    id=self.run.marker()["wandb_id"], resume="allow", name=self.cfg.name, project=choices["project"],
+                    entity=choices["entity"], group=choices["group"], job_type=self.facts["script"], tags=tags,
+                    dir=str(self.run.path), mode=attempt, config={**to_plain_dict(self.cfg), "derived": self.facts},
+                    settings=wandb.Settings(init_timeout=30, silent=True))
+                self.wandb_run.define_metric("train/samples", hidden=True)
+                self.wandb_run.define_metric("train/*", step_metric="train/samples")
+                self.wandb_run.define_metric("epoch", hidden=True)
+                self.wandb_run.define_metric("val/*", step_metric="epoch")
+                for name, summary in (("val/accuracy", "max"), ("val/f1", "max"), ("val/loss", "min")):
+                    self.wandb_run.define_metric(name, step_metric="epoch", summary=summary)
+                self._send_earlier(attempt)
+            except Exception as err:  # wandb raises many types; none of them may stop training
+                self._wandb_failed(err)
+                continue
+            self._started_message = (f"WandB: {self.wandb_run.url}" if attempt == "online" else
+                                     f"WandB: offline run in {self.run.path / 'wandb'} (upload it later with "
+                                     "`wandb sync`, see the README)")
+            return
+
+    def _send_earlier(self, mode: str) -> None:
+        """Online, the service knows the steps it has and continues after them. Offline, a killed process's file
+        lost what it had not flushed: the new offline run gets the whole history and replaces the earlier partial
+        ones (`wandb sync` then uploads one complete run)."""
+        if mode == "offline":
+            current = Path(self.wandb_run.dir).parent
+            for earlier in (self.run.path / "wandb").glob(f"offline-run-*-{self.wandb_run.id}"):
+                if earlier != current:
+                    shutil.rmtree(earlier, ignore_errors=True)
+        self.new_from_step = self.wandb_run.step
+        for record in self.earlier:
+            if record["step"] >= self.new_from_step:
+                self.wandb_run.log({k: v for k, v in record.items() if k not in ("step", "time") and
+                                    not k.endswith("/n")}, step=record["step"])
+        if self.earlier:
+            self.new_from_step = max(self.new_from_step, self.earlier[-1]["step"])
+
+    def _wandb(self):
+        """The WandB run once its start has finished; None when disabled or unavailable."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+            if self._started_message:
+                tqdm.write(self._started_message)  # above a progress bar, not through it
+        return self.wandb_run
+
+    @contextlib.contextmanager
+    def _guard(self):
+        try:
+            yield
+        except Exception as err:
+            self._wandb_failed(err)
+            self.wandb_run = None
+
+    @staticmethod
+    def _wandb_failed(err: Exception) -> None:
+        print(f"WandB unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+              "training continues, history.jsonl still records everything", file=sys.stderr)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto: online when an API key is configured and the service answers within 2 s, else offline."""
+    if mode != "auto":
+        return mode
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urllib.parse.urlparse(base_url).hostname or ""
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        with contextlib.suppress(Exception):
+            has_key = netrc.netrc().authenticators(host) is not None
+    if not has_key:
+        return "offline"
+    try:
+        urllib.request.urlopen(base_url, timeout=2).close()
+    except urllib.error.HTTPError:
+        pass  # the service answered, even if with an error status
+    except Exception:
+        return "offline"
+    return "online"
+
+
+def describe(cfg: DictConfig, facts: dict, steps_per_epoch: int) -> str:
+    """The line a run prints before training: what trains on what, and how the effective batch is made."""
+    sizes = facts["split_sizes"]
+    return (f"{cfg.model.name} on {facts['device']} ({facts['precision']}): {sizes['train']} train / "
+            f"{sizes['validation']} val / {sizes['test']} test reviews; effective batch {facts['effective_batch_size']} "
+            f"= {cfg.train.batch_size} x {facts['accum_steps']} accumulation x {facts['num_processes']} process(es); "
+            f"lr {facts['lr']:.3g}; {steps_per_epoch} optimizer steps/epoch")
+
+
+def final_metrics(cfg: DictConfig, test: dict, state, facts: dict, throughput: dict, wall_seconds: float) -> dict:
+    """metrics.json: the best checkpoint's test metrics, and what results tables and comparisons need."""
+    return {**{f"test_{k}": test[k] for k in ("loss", "accuracy", "f1")}, "n_test": test["n"],
+            "best_epoch": state.best_epoch, f"best_val_{cfg.checkpoint.best_metric}": state.best_value,
+            "model": cfg.model.name, "epochs": cfg.train.epochs, "optimizer_steps": state.step, "seed": cfg.seed,
+            "split_seed": cfg.data.split_seed, **facts, **throughput, "wall_seconds": round(wall_seconds, 2)}

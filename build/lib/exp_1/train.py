@@ -1,0 +1,213 @@
+"""Training mechanics every entry script shares: optimizer, schedule, the backward/step of plain PyTorch, where
+training stands (`TrainingState`), the progress meter, and evaluation with per-review predictions."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import skip_first_batches
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from exp_1.config import RunStopped
+from exp_1.model import model_inputs, weighted_loss
+from exp_1.utils import autocast, to_device
+
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """No weight decay on biases and norm weights (the usual BERT recipe); fused kernels where torch has them."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[train.optimizer]
+    fused = device.type in ("cuda", "cpu")
+    return optimizer_class(groups, lr=lr, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_steps: int):
+    """Counts optimizer steps, not micro-batches: warmup and decay fit every accumulation setting. Warmup leaves at
+    least one step at the full rate (10% of a single step must not round up to a run that never trains)."""
+    warmup = min(math.ceil(total_steps * train.warmup_ratio), max(total_steps - 1, 0))
+    return get_scheduler(SCHEDULES[train.scheduler], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+@dataclass
+class Stepper:
+    """Backward for one micro-batch, optimizer step for one window: the plain-PyTorch mechanics."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    precision: str
+    max_grad_norm: float | None
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """Adds this micro-batch's share of its window's mean loss to the gradients; returns that share."""
+        batch = to_device(batch, self.device)
+        with autocast(self.device, self.precision):
+            logits = self.model(**model_inputs(batch))
+        loss = weighted_loss(logits, batch)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clips, steps and clears the gradients; returns their norm before clipping (unscaled under fp16)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() >= scale:  # fp16 overflow: no step taken, so the schedule does not advance
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+
+# ----------------------------------------------------------------------------------------------- where training stands
+
+@dataclass
+class TrainingState:
+    """Where training stands and what it has done: what a resume point records besides the model, optimizer,
+    schedule and RNG states."""
+
+    epoch: int = 1  # the epoch in progress (epochs + 1 once all are done)
+    batches_done: int = 0  # micro-batches of that epoch this process has trained on
+    step: int = 0  # optimizer steps so far
+    samples: int = 0  # training samples seen, all processes together
+    tokens: int = 0  # their real (non-padding) tokens
+    train_seconds: float = 0.0
+    best_epoch: Optional[int] = None
+    best_value: Optional[float] = None
+    best_sha256: Optional[str] = None  # of checkpoints/best.safetensors, verified before the test
+    unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log
+    lr: float = 0.0  # the learning rate of the last optimizer step
+
+    def record_validation(self, epoch: int, value: float, lower_is_better: bool, weights_sha256: str) -> bool:
+        """Closes the epoch; True when it is the best so far (its weights then become best.safetensors)."""
+        self.epoch, self.batches_done = epoch + 1, 0
+        if self.best_value is not None and not (value < self.best_value if lower_is_better else value > self.best_value):
+            return False
+        self.best_epoch, self.best_value, self.best_sha256 = epoch, value, weights_sha256
+        return True
+
+
+def diverged(loss: float, state: TrainingState) -> RunStopped:
+    return RunStopped(f"the training loss is {loss} at optimizer step {state.step} (epoch {state.epoch}); the last "
+                      "resume point and checkpoints are kept. Lower train.lr, keep train.max_grad_norm, or use "
+                      "train.precision=fp32 or bf16")
+
+
+class Meter:
+    """The progress bar, and what training has done: each optimizer step adds its window's samples and tokens (all
+    processes, known from the sampler, so nothing is communicated) and its time to the state."""
+
+    def __init__(self, state: TrainingState, sampler, show: bool = True):
+        self.state, self.sampler, self.show = state, sampler, show
+        self._bar = None
+        self._clock = time.perf_counter()
+        self._logged = (state.samples, state.tokens, state.train_seconds)
+
+    def epoch(self, loader, epoch: int):
+        """The epoch's micro-batches, from the first one the state has not trained on yet."""
+        skip = self.state.batches_done
+        self._windows = self.sampler.window_totals()
+        self._bar = tqdm(skip_first_batches(loader, skip) if skip else loader, desc=f"epoch {epoch}", unit="batch",
+                         dynamic_ncols=True, mininterval=1.0, disable=not self.show, initial=skip, total=len(loader))
+        self._clock = time.perf_counter()
+        for batch in self._bar:
+            self.state.batches_done += 1
+            yield batch
+
+    def step_done(self, loss: float, grad_norm: float, lr: float) -> None:
+        """After each optimizer step, with the window's mean loss, the gradient norm before clipping and the
+        learning rate the step used."""
+        state = self.state
+        samples, tokens = self._windows[state.batches_done // self.sampler.accum_steps - 1]
+        state.step += 1
+        state.samples += int(samples)
+        state.tokens += int(tokens)
+        now = time.perf_counter()
+        state.train_seconds += now - self._clock
+        self._clock = now
+        state.unlogged.append((loss, grad_norm))
+        state.lr = lr
+
+    def train_record(self) -> dict:
+        """The mean loss and gradient norm of the steps since the last record, and where training stands."""
+        state = self.state
+        samples, tokens, seconds = self._logged
+        losses, grad_norms = zip(*state.unlogged)
+        state.unlogged = []
+        self._logged = (state.samples, state.tokens, state.train_seconds)
+        tokens_per_s = (state.tokens - tokens) / max(state.train_seconds - seconds, 1e-9)
+        record = {"train/loss": sum(losses) / len(losses), "train/lr": state.lr,
+                  "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/samples": state.samples,
+                  "train/epoch": round(state.samples / self.sampler.num_samples, 6), "train/tokens_per_s": round(tokens_per_s, 1)}
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['train/loss']:.4f}", tokens_s=f"{tokens_per_s:.0f}", refresh=False)
+        return record
+
+    def pause(self) -> None:
+        """Time spent from here to the next step (validation, checkpoints) is not training time."""
+        self._clock = time.perf_counter()
+
+    def throughput(self) -> dict:
+        seconds = max(self.state.train_seconds, 1e-9)
+        return {"train_seconds": round(self.state.train_seconds, 2),
+                "train_samples_per_s": round(self.state.samples / seconds, 3),
+                "train_tokens_per_s": round(self.state.tokens / seconds, 1)}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32", gather=None):
+    """Loss, accuracy and F1 (positive class) over a loader, and the per-review predictions behind them. `gather`
+    (Accelerate's gather_for_metrics) collects the shards of several processes, counting every review once."""
+    was_training = model.training
+    model.eval()
+    columns = {name: [] for name in ("index", "label", "predicted", "prob_positive", "loss", "tokens")}
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = model(**model_inputs(batch)).float()
+        result = (batch["index"], batch["labels"], logits.argmax(-1), logits.softmax(-1)[:, 1],
+                  F.cross_entropy(logits, batch["labels"], reduction="none"), batch["full_length"])
+        if gather is not None:
+            result = gather(result)
+        for store, values in zip(columns.values(), result):
+            store.append(values.cpu())
+    model.train(was_training)
+    rows = {name: torch.cat(values).numpy() for name, values in columns.items()}
+    order = np.argsort(rows["index"], kind="stable")  # by review: the same file however the batches fell
+    rows = {name: values[order] for name, values in rows.items()}
+    return classification_metrics(rows), rows
+
+
+def classification_metrics(rows: dict) -> dict:
+    """From per-review rows (label, predicted, loss): what the prediction file reproduces exactly (fsum does not
+    depend on the order of the reviews)."""
+    labels, predicted = np.asarray(rows["label"]), np.asarray(rows["predicted"])
+    true_pos = int(((predicted == 1) & (labels == 1)).sum())
+    predicted_pos, actual_pos = int((predicted == 1).sum()), int((labels == 1).sum())
+    precision = true_pos / predicted_pos if predicted_pos else 0.0
+    recall = true_pos / actual_pos if actual_pos else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    correct = int((predicted == labels).sum())
+    return {"loss": math.fsum(float(x) for x in rows["loss"]) / len(labels), "accuracy": correct / len(labels),
+            "f1": f1, "n": len(labels)}

@@ -1,0 +1,168 @@
+"""Installs and behaves the way GPU users and the HF ecosystem expect: no silent CPU training when a GPU is there but
+unusable, the launcher's mixed precision honoured in its place of the precedence, a fast --help listing every
+config key, --print-config, `python -m`, and a package that works installed outside the repository."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import PROJECT, tiny_config
+from exp_1 import main as exp1
+from exp_1.config import Config, UserError, load_config, to_plain_dict
+from exp_1.utils import cpu_has_fast_bf16
+from exp_2 import main_accelerate
+
+
+def _leaves(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        keys += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return keys
+
+
+def test_help_answers_fast_without_torch_and_lists_every_config_key():
+    probe = ("import runpy, sys, atexit; sys.argv = ['exp_1/main.py', '--help']; "
+             "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+             "runpy.run_path('exp_1/main.py', run_name='__main__')")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - started
+    print(f"--help took {seconds:.2f} s")
+    assert result.returncode == 0, result.stderr
+    assert seconds < 1.0 and "torch imported: False" in result.stdout
+    listed = {}
+    for line in result.stdout.split("config keys")[1].splitlines()[1:]:
+        if line.startswith("  ") and ", default " in line:
+            key, rest = line.split(None, 1)
+            listed[key] = rest
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))
+    assert sorted(listed) == sorted(_leaves(schema))
+    for key, text in listed.items():
+        kind, rest = text.split(", default ", 1)
+        default, meaning = rest.split(": ", 1)
+        value = OmegaConf.select(OmegaConf.structured(Config), key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+        assert default == ("null" if value is None else str(value)), key
+        assert meaning.strip(), f"{key} has no meaning in the schema (a comment on its line in exp_1/config.py)"
+
+
+def test_print_config_prints_the_resolved_config_and_touches_nothing(tmp_path, tiny_bert, reviews_dir, capsys):
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        exp1.main(["--config", str(config), "--print-config", "train.lr=3e-4"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_plain_dict(load_config(config, ["train.lr=3e-4"])) and printed["train"]["lr"] == 3e-4
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_python_dash_m_runs_the_entry_scripts():
+    for module in ("exp_1.main", "exp_2.main", "exp_2.main_accelerate", "exp_1.sweep", "exp_1.results",
+                   "exp_1.predict"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, (module, result.stderr[-2000:])
+
+
+@pytest.fixture
+def gpu_without_cuda(tmp_path, monkeypatch):
+    """A machine whose NVIDIA driver answers (a stand-in nvidia-smi on PATH) while this torch cannot use CUDA."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho '| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: 12.8 |'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_an_unusable_gpu_stops_the_run_in_one_line_with_the_fix(device, gpu_without_cuda, tmp_path, tiny_bert,
+                                                               reviews_dir):
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"device": device})
+    with pytest.raises(UserError) as err:
+        exp1.main(["--config", str(config)])
+    message = str(err.value)
+    print(message)
+    assert "\n" not in message and f"train.device={device}" in message
+    assert "driver 570.86.15, CUDA up to 12.8" in message and "a CPU-only build" in message
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_device_check_says_what_a_run_would_use_and_why(gpu_without_cuda, tmp_path, tiny_bert, reviews_dir, capsys):
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"device": "auto"})
+    with pytest.raises(SystemExit) as exit_info:
+        exp1.main(["--config", str(config), "--device-check"])
+    assert exit_info.value.code == 0
+    report = capsys.readouterr().out
+    assert "a CPU-only build" in report and "NVIDIA driver: 570.86.15, supports CUDA up to 12.8" in report
+    assert "this run would stop: train.device=auto: an NVIDIA GPU is here" in report
+    with pytest.raises(SystemExit):
+        exp1.main(["--config", str(config), "--device-check", "train.device=cpu"])
+    assert "this run would use: cpu" in capsys.readouterr().out
+
+
+AUTO = "bf16" if cpu_has_fast_bf16() else "fp32"
+OTHER = "fp32" if AUTO == "bf16" else "bf16"
+
+
+@pytest.mark.parametrize("level, config_value, override, launcher, expected", [
+    ("default", "auto", None, None, AUTO),
+    ("launcher/environment", "auto", None, OTHER, OTHER),
+    ("config file", AUTO, None, OTHER, AUTO),
+    ("command line", OTHER, f"train.precision={AUTO}", OTHER, AUTO),
+], ids=lambda value: value if isinstance(value, str) and " " not in value and "=" not in value else None)
+def test_precision_precedence_command_line_over_file_over_launcher_over_default(
+        level, config_value, override, launcher, expected, tmp_path, tiny_bert, reviews_dir, monkeypatch, capsys):
+    """`accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION and shows on its command line."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if launcher:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", {"fp32": "no"}.get(launcher, launcher))
+        monkeypatch.setattr("exp_1.utils.launcher_command", lambda: [
+            "accelerate", "launch", "--mixed_precision", {"fp32": "no"}.get(launcher, launcher), "x.py"])
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"precision": config_value})
+    with pytest.raises(SystemExit):
+        main_accelerate.main(["--config", str(config), "--device-check", *([override] if override else [])])
+    assert f"this run would use: cpu, {expected}" in capsys.readouterr().out, level
+
+
+def test_a_launchers_unchosen_default_is_not_taken_for_a_choice(tmp_path, tiny_bert, reviews_dir, monkeypatch, capsys):
+    """`accelerate launch` without --mixed_precision or a config file still sets ACCELERATE_MIXED_PRECISION=no."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no accelerate config file there
+    monkeypatch.setattr("exp_1.utils.launcher_command", lambda: ["accelerate", "launch", "x.py"])
+    monkeypatch.setattr("accelerate.commands.config.default_config_file", str(tmp_path / "hf" / "none.yaml"))
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"precision": "auto"})
+    with pytest.raises(SystemExit):
+        main_accelerate.main(["--config", str(config), "--device-check"])
+    assert f"this run would use: cpu, {AUTO}" in capsys.readouterr().out
+
+
+def test_the_installed_package_runs_outside_the_repository(tmp_path, tiny_bert, reviews_dir):
+    """What `pip install .` puts on the path (packages exp_1 and exp_2, built from pyproject.toml) runs a tiny
+    experiment from another folder; the dependencies come from this environment (CI installs them afresh too)."""
+    site = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target",
+                            str(site), str(PROJECT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert {"exp_1", "exp_2"} <= {p.name for p in site.iterdir()}
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1})
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import exp_1, exp_2; print(exp_1.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip() == str(site / "exp_1" / "__init__.py"), where.stderr
+    run = subprocess.run([sys.executable, "-m", "exp_1.main", "--config", str(config)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["n_test"] == 20
