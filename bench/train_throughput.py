@@ -3,11 +3,15 @@ precision) vs the original pipeline (pad to max_length, eager attention, unmaske
 
     python bench/train_throughput.py --data ../shared/data/imdb        # MiniLM, max_length 512, CPU: a few minutes
     python bench/train_throughput.py --random-modernbert --batch-size 32 --steps 20 --data /path/to/imdb   # GPU
+    python bench/train_throughput.py ... --only "this project" "this project, packed" "this project, packed + compiled" \
+        "HF Trainer, same settings" "HF Trainer, padding-free"                                            # GPU, packing
 
 Every variant trains in its own process (so peak memory is its own) on the same real reviews, model, max_length,
 batch size and number of steps; the first --warmup steps are not timed. Reported per variant: real (non-padding)
 tokens/s, samples/s, padding efficiency (real / processed tokens), model FLOP/s as a fraction of this machine's
-measured matmul peak in the precision used, peak memory, and how many times faster this project is.
+measured matmul peak in the precision used (MFU; attention counted per review, padding not at all), peak memory, the
+time from the variant's start to its first step (loading and compiling included), and how many times faster this
+project is. A variant this machine cannot run is reported as such, with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import numpy as np
 import torch
 
 VARIANTS = ["this project", "HF Trainer, defaults", "HF Trainer, same settings", "original pipeline"]
-COMPILED = "this project, compiled"  # on request (--only): compiling takes minutes on a CPU
+# On request (--only): compiling takes minutes on a CPU, and packing pays only on a GPU (a CPU has no varlen kernel).
+ON_REQUEST = ["this project, compiled", "this project, packed", "this project, packed + compiled",
+              "HF Trainer, padding-free"]
 
 
 def parse_args(argv=None):
@@ -42,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="this project's precision (auto as in training); the same-settings Trainer follows it")
-    p.add_argument("--only", nargs="*", choices=VARIANTS + [COMPILED], default=VARIANTS)
+    p.add_argument("--only", nargs="*", choices=VARIANTS + ON_REQUEST, default=VARIANTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -91,28 +97,41 @@ def sample_reviews(args) -> tuple[list[str], list[int]]:
 
 
 class Timer:
-    """Wall time from the end of the last warmup step to the end of the last step, and the tokens in between."""
+    """Wall time from the end of the last warmup step to the end of the last step, and the tokens in between: real
+    ones, processed ones (padding included), and the sum of squared review lengths that attention costs."""
+
+    STARTED = time.perf_counter()  # the variant's process start: time to the first step includes loading and compiling
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
-        self.steps = self.real = self.processed = self.samples = 0
-        self.start = None
+        self.steps = self.real = self.processed = self.samples = self.squared = 0
+        self.start = self.first_step = None
 
-    def step_done(self, attention_mask: torch.Tensor) -> None:
+    def step_done(self, batch: dict) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.steps += 1
+        if self.steps == 1:
+            self.first_step = time.perf_counter() - self.STARTED
         if self.steps == self.warmup:
             self.start = time.perf_counter()
         elif self.steps > self.warmup:
-            self.real += int(attention_mask.sum())
-            self.processed += attention_mask.numel()
-            self.samples += attention_mask.shape[0]
+            if "cu_seqlens" in batch:  # packed: the reviews' lengths are the row's boundaries
+                lengths = batch["cu_seqlens"].diff().long()
+            elif "position_ids" in batch and "attention_mask" not in batch:  # flattened rows: positions restart at 0
+                starts = torch.nonzero(batch["position_ids"].flatten() == 0).flatten()
+                lengths = torch.diff(starts, append=torch.tensor([batch["position_ids"].numel()]))
+            else:
+                lengths = batch["attention_mask"].sum(1)
+            self.real += int(lengths.sum())
+            self.squared += int((lengths ** 2).sum())
+            self.processed += batch["input_ids"].numel()
+            self.samples += len(lengths)
 
     def result(self) -> dict:
         seconds = time.perf_counter() - self.start
         return {"seconds": seconds, "real_tokens": self.real, "processed_tokens": self.processed,
-                "samples": self.samples, "mean_real_length": self.real / max(self.samples, 1)}
+                "samples": self.samples, "squared_lengths": self.squared, "first_step_seconds": self.first_step}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -123,10 +142,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------------------------- the variants
 
-def run_this_project(args, texts, labels, path, device, precision, compiled: bool = False):
+def run_this_project(args, texts, labels, path, device, precision, compiled: bool = False, packed: bool = False):
     """exp_1's pipeline: length-grouped windows, dynamic padding, attention dropout 0, auto precision, fused AdamW;
     with train.compile if `compiled` (then the first 3 steps, which compile for the first and then dynamic shapes,
-    are not timed)."""
+    are not timed); on packed micro-batches (train.packing) if `packed`."""
     import datasets
     from omegaconf import OmegaConf
 
@@ -138,7 +157,7 @@ def run_this_project(args, texts, labels, path, device, precision, compiled: boo
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "model": {"name": path, "attention_dropout": 0.0}, "data": {"max_length": args.max_length},
         "train": {"batch_size": args.batch_size, "compile": compiled}})
-    tokenizer, model = load_model(cfg.model, args.max_length)
+    tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
     if cfg.train.compile:
         model.compile()
@@ -151,20 +170,26 @@ def run_this_project(args, texts, labels, path, device, precision, compiled: boo
     stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, len(sampler)), device, precision, 1.0)
     timer = Timer(args.warmup, device)
     model.train()
-    for batch in make_train_loader(rows, sampler, tokenizer, cfg, device):
+    for batch in make_train_loader(rows, sampler, tokenizer, cfg, device, packed):
         stepper.forward_backward(batch)
         stepper.optimizer_step()
-        timer.step_done(batch["attention_mask"])
+        timer.step_done(batch)
         if timer.steps == args.warmup + args.steps:
             break
     return timer, precision, model.encoder
 
 
-def run_hf_trainer(args, texts, labels, path, device, precision, same_settings: bool):
-    """AutoModelForSequenceClassification + Trainer; defaults, or our model settings and precision."""
+class NotRun(Exception):
+    """A variant this machine cannot run (the report says why)."""
+
+
+def run_hf_trainer(args, texts, labels, path, device, precision, same_settings: bool, padding_free: bool = False):
+    """AutoModelForSequenceClassification + Trainer; defaults, or our model settings and precision; with
+    `padding_free`, HF's own packing (DataCollatorWithFlattening), which needs flash attention to keep reviews
+    apart."""
     import datasets
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithFlattening,
+                              DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 
     from exp_1.model import override_dropout
 
@@ -172,22 +197,29 @@ def run_hf_trainer(args, texts, labels, path, device, precision, same_settings: 
     config = AutoConfig.from_pretrained(path, num_labels=2)
     if same_settings:
         override_dropout(config, 0.0, only="attention")
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    if padding_free:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                                       attn_implementation="flash_attention_2")
+        except (ImportError, ValueError) as err:
+            raise NotRun(f"flash_attention_2 is not available here ({str(err).splitlines()[0][:120]})") from None
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     rows = datasets.Dataset.from_dict({"text": texts, "label": labels}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True,
         remove_columns=["text"])
     timer = Timer(args.warmup, device)
-    pad = DataCollatorWithPadding(tokenizer)
-    masks = []
+    pad = DataCollatorWithFlattening() if padding_free else DataCollatorWithPadding(tokenizer)
+    batches = []
 
     def collate(features):
         batch = pad(features)
-        masks.append(batch["attention_mask"])
+        batches.append(batch)
         return batch
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, *_, **__):
-            timer.step_done(masks.pop(0))
+            timer.step_done(batches.pop(0))
 
     used = precision if same_settings else "fp32"
     training_args = TrainingArguments(
@@ -220,7 +252,7 @@ def run_original(args, texts, labels, path, device, precision):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        timer.step_done(batch["attention_mask"])
+        timer.step_done(batch)
     return timer, "fp32", encoder
 
 
@@ -232,10 +264,17 @@ def run_variant(args) -> dict:
     path = model_path(args)
     texts, labels = sample_reviews(args)
     runner = {"this project": run_this_project, "original pipeline": run_original,
-              COMPILED: lambda *a: run_this_project(*a, compiled=True),
+              "this project, compiled": lambda *a: run_this_project(*a, compiled=True),
+              "this project, packed": lambda *a: run_this_project(*a, packed=True),
+              "this project, packed + compiled": lambda *a: run_this_project(*a, compiled=True, packed=True),
               "HF Trainer, defaults": lambda *a: run_hf_trainer(*a, same_settings=False),
-              "HF Trainer, same settings": lambda *a: run_hf_trainer(*a, same_settings=True)}[args.variant]
-    timer, used, encoder = runner(args, texts, labels, path, device, precision)
+              "HF Trainer, same settings": lambda *a: run_hf_trainer(*a, same_settings=True),
+              "HF Trainer, padding-free": lambda *a: run_hf_trainer(*a, same_settings=True, padding_free=True),
+              }[args.variant]
+    try:
+        timer, used, encoder = runner(args, texts, labels, path, device, precision)
+    except NotRun as reason:
+        return {"not_run": str(reason)}
     embedding = sum(p.numel() for n, p in encoder.named_parameters() if "embed" in n)
     config = encoder.config
     return {**timer.result(), "precision": used, "peak_memory_mb": peak_memory_mb(device),
@@ -262,10 +301,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat:
     return 2 * n**3 * repeat / (time.perf_counter() - start)
 
 
-def model_flops_per_token(r: dict) -> float:
-    """Training FLOPs per real token: 6 x non-embedding parameters (forward + backward) plus attention scores and
-    values, 12 x layers x hidden x sequence length."""
-    return 6 * r["non_embedding_params"] + 12 * r["layers"] * r["hidden"] * r["mean_real_length"]
+def model_flops(r: dict) -> float:
+    """Training FLOPs of the timed steps, counted honestly: 6 x non-embedding parameters per real token (forward and
+    backward), plus attention scores and values, 12 x layers x hidden per squared review length (a review attends
+    only within itself; padding counts nothing)."""
+    return 6 * r["non_embedding_params"] * r["real_tokens"] + 12 * r["layers"] * r["hidden"] * r["squared_lengths"]
 
 
 def report(args, results: dict, peaks: dict, device) -> str:
@@ -276,15 +316,19 @@ def report(args, results: dict, peaks: dict, device) -> str:
              f"{args.warmup} warmup",
              "matmul peak here: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()), "",
              "| variant | precision | real tokens/s | samples/s | padding efficiency | model GFLOP/s | % of matmul peak "
-             "| peak memory MB | this project is |", "|---|---|---|---|---|---|---|---|---|"]
+             "(MFU) | peak memory MB | first step s | this project is |", "|---|---|---|---|---|---|---|---|---|---|"]
     ours = results.get("this project")
     for name, r in results.items():
+        if "not_run" in r:
+            lines.append(f"| {name} | not run here: {r['not_run']} |" + " |" * 8)
+            continue
         tokens_per_s = r["real_tokens"] / r["seconds"]
-        flops = model_flops_per_token(r) * tokens_per_s
-        faster = f"{ours['real_tokens'] / ours['seconds'] / tokens_per_s:.2f}x" if ours else "-"
+        flops = model_flops(r) / r["seconds"]
+        faster = f"{ours['real_tokens'] / ours['seconds'] / tokens_per_s:.2f}x" if ours and "not_run" not in ours else "-"
         lines.append(f"| {name} | {r['precision']} | {tokens_per_s:,.0f} | {r['samples'] / r['seconds']:.2f} | "
                      f"{r['real_tokens'] / r['processed_tokens']:.3f} | {flops / 1e9:,.0f} | "
-                     f"{100 * flops / peaks[r['precision']]:.1f}% | {r['peak_memory_mb']:,.0f} | {faster} |")
+                     f"{100 * flops / peaks[r['precision']]:.1f}% | {r['peak_memory_mb']:,.0f} | "
+                     f"{r['first_step_seconds']:.1f} | {faster} |")
     return "\n".join(lines)
 
 
@@ -304,7 +348,8 @@ def main(argv=None) -> None:
             results[name] = json.loads(Path(out.name).read_text())
     device, _ = device_and_precision(args)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    peaks = {p: matmul_peak(device, dtypes[p]) for p in sorted({r["precision"] for r in results.values()})}
+    peaks = {p: matmul_peak(device, dtypes[p]) for p in sorted({r["precision"] for r in results.values()
+                                                                if "precision" in r})}
     print(report(args, results, peaks, device))
 
 

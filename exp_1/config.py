@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     log_every: int = 1  # optimizer steps per logged train loss (the mean over them)
     compile: bool = False  # torch.compile the model: pays a compile at the start (and per new shape) for faster steps
+    packing: str = "auto"  # auto | true | false: train on padding-free packed micro-batches (auto: off until GPU-verified)
     peer_timeout: int = 900  # seconds: several processes end the run when one stops answering for this long
 
 
@@ -122,6 +123,7 @@ CHOICES = {
     "checkpoint.best_metric": ("accuracy", "f1", "loss"),
     "tracking.wandb_mode": (None, "auto", "online", "offline", "disabled"),
     "tracking.log_model": (None, "best"),
+    "train.packing": ("auto", "true", "false"),
 }
 POSITIVE_INTS = ("data.max_length", "train.batch_size", "train.grad_accum_steps", "train.epochs",
                  "train.log_every", "train.lr_reference_batch", "train.peer_timeout")
@@ -185,6 +187,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} must be a finite number")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        value = value.lower() if key == "train.packing" else value  # YAML's true/false arrive as "True"/"False"
         if value not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None) + (" or null" if None in allowed else "")
             raise UserError(f"{key}={value!r} is not one of {names}")

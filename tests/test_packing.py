@@ -159,3 +159,25 @@ def test_packed_model_still_runs_padded_batches(model_path):
         inputs = {name: batch[name] for name in padded.input_names}
         with torch.no_grad():
             torch.testing.assert_close(packed(**inputs), padded(**inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("script", ["exp_1", "exp_2"])
+def test_training_on_packed_micro_batches_ends_like_training_on_padded_ones(script, tmp_path, tiny_bert, reviews_dir):
+    """train.packing=true changes how a micro-batch is laid out, not what is learned (fp32, dropout 0)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import tiny_config
+    from exp_1 import main as exp1
+    from exp_2 import main as exp2
+
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir)
+    main, extra = (exp1.main, []) if script == "exp_1" else (exp2.main, ["train.batch_size=4", "train.grad_accum_steps=2"])
+    padded = main(["--config", str(config), "name=padded", "train.packing=false", *extra])
+    packed = main(["--config", str(config), "name=packed", "train.packing=true", *extra])
+    assert json.loads((tmp_path / "runs" / "packed" / "metrics.json").read_text())["packed"] is True
+    assert packed["test_accuracy"] == padded["test_accuracy"]
+    assert packed["test_loss"] == pytest.approx(padded["test_loss"], rel=1e-4)
+    weights = [load_file(tmp_path / "runs" / name / "checkpoints" / "last.safetensors") for name in ("padded", "packed")]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4

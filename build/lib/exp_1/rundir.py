@@ -175,11 +175,13 @@ class RunDir:
         output_dir = self.path.parent
         if output_dir.exists() and not output_dir.is_dir():
             raise UserError(f"output_dir={cfg.output_dir} is a file; choose a folder")
-        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
-        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"output_dir={cfg.output_dir}: {existing} is not writable; choose a folder you can write to")
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path} is a file; choose another name= or output_dir=")
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"output_dir={cfg.output_dir}: {existing} is a file; choose a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"output_dir={cfg.output_dir}: {existing} is not writable; choose a folder you can write to")
         if self.path.is_dir() and not self.is_run() and set(os.listdir(self.path)) - {LOCK}:
             raise UserError(f"{self.path} exists and is not a run directory of this project (no {MARKER}); choose "
                             "another name= or output_dir=")
