@@ -42,8 +42,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 METRICS = ["script", "model", "effective_batch_size", "epochs", "optimizer_steps", "lr", "test_loss", "test_accuracy",
            "test_f1", "wall_seconds", "train_samples_per_s", "device", "precision", "num_processes"]  # what results use
 NOT_THE_CONFIGURATION = ("seed", "name", "tracking")  # runs differing only in these are seeds of one row
-LENGTH_EDGES = [0, 128, 256, 512, 1024]  # token-count bins of the accuracy-by-length analysis
+LENGTH_EDGES = [0, 128, 256, 512, 1024]  # token-count bins of the accuracy-by-length analysis (plus each max_length)
 SIGNIFICANCE = 0.05
+MIN_BIN_REVIEWS = 10  # the length plot leaves out bins with fewer reviews (the table has them all)
 SMOOTHING = 25  # a train-loss curve is a moving average over 1/25 of its steps
 
 
@@ -157,16 +158,17 @@ def group_rows(runs: list[Run]) -> list[Row]:
         row.runs.sort(key=lambda run: run.metrics.get("seed", 0))
     for label in {row.label for row in rows}:
         same = [row for row in rows if row.label == label]
-        if len(same) > 1:  # tell them apart by what differs between them
+        if len(same) > 1:  # tell them apart by their output_dir when that does, else by the keys that differ
             flat = [_flatten(_configuration(row.first)) for row in same]
             keys = [k for k in sorted(set().union(*flat)) if len({str(f.get(k)) for f in flat}) > 1]
+            by_folder = len({Path(str(f.get("output_dir"))).name for f in flat}) == len(same)
             for row, values in zip(same, flat):
-                row.label += " (" + ", ".join(f"{k.split('.')[-1] if k != 'output_dir' else 'in'}="
-                                              f"{Path(str(values.get(k))).name if k == 'output_dir' else values.get(k)}"
-                                              for k in keys) + ")"
+                row.label += (f" ({Path(str(values.get('output_dir'))).name})" if by_folder else
+                              " (" + ", ".join(f"{k.split('.')[-1]}={values.get(k)}" for k in keys) + ")")
     for row in rows:
         row.values = _row_values(row)
-    return rows
+    return sorted(rows, key=lambda row: (str(row.first.config.get("output_dir", "")),
+                                         row.first.metrics["effective_batch_size"], row.label))
 
 
 def _configuration(run: Run) -> dict:
@@ -240,6 +242,9 @@ class Comparison:
 
     def sentence(self, comparisons: int) -> str:
         d, lo, hi = 100 * self.difference, 100 * self.low, 100 * self.high
+        if d < 0:  # the better row first: its lead and interval read as positive numbers
+            return Comparison(self.b, self.a, -self.difference, -self.high, -self.low, self.p, self.p_holm).sentence(
+                comparisons)
         numbers = (f"{d:+.1f} points, 95% interval {lo:+.1f} to {hi:+.1f}; McNemar p = {self.p:.3g}, "
                    f"{self.p_holm:.3g} after Holm's correction for {comparisons} comparison(s)")
         if self.low <= 0 <= self.high:
@@ -248,8 +253,7 @@ class Comparison:
         if not self.significant:
             return (f"**{self.a.label}** and **{self.b.label}**: the interval excludes 0 but McNemar's test after "
                     f"correction does not ({numbers}); the difference is not established.")
-        better, worse = (self.a, self.b) if d > 0 else (self.b, self.a)
-        return f"**{better.label}** is more accurate than **{worse.label}** ({numbers})."
+        return f"**{self.a.label}** is more accurate than **{self.b.label}** ({numbers})."
 
 
 def compare(rows: list[Row]) -> list[Comparison]:
@@ -337,6 +341,7 @@ def curve_plot(rows: list[Row], key: str, title: str, ylabel: str, percent: bool
             window = max(1, length // SMOOTHING)
             axes.plot(x, mean, color=color, alpha=0.2, linewidth=0.8)
             axes.plot(x[window - 1:], np.convolve(mean, np.ones(window) / window, "valid"), color=color,
+                      marker="o" if length <= 20 else None,  # a run of a few steps is a few dots, not a line
                       label=row.label + (f" (mean of {window} steps)" if window > 1 else ""))
     if validation:  # whole epochs only, also when there is just one
         epochs = sorted({int(e) for row in rows for run in row.runs for e in _series(run, key, "epoch")[0]}) or [1]
@@ -398,13 +403,20 @@ def confusion_plot(rows: list[Row]) -> bytes:
     return _png(figure)
 
 
-def length_plot(rows: list[Row], cells: dict[str, list[dict]]) -> bytes:
-    figure, axes = _figure("Test accuracy by review length in tokens (dashed: reviews cut to max_length)",
-                           "review length (tokens)", "test accuracy (%)")
-    bins = [f"{low}-{high - 1}" for low, high in zip(LENGTH_EDGES, LENGTH_EDGES[1:])] + [f">={LENGTH_EDGES[-1]}"]
+def length_edges(rows: list[Row]) -> list[int]:
+    """Token-count bins: the usual ones, split also at each row's max_length, where cutting starts."""
+    limits = {run.config.get("data", {}).get("max_length") for row in rows for run in row.runs}
+    return sorted(set(LENGTH_EDGES) | {limit for limit in limits if isinstance(limit, int)})
+
+
+def length_plot(rows: list[Row], cells: dict[str, list[dict]], edges: list[int]) -> bytes:
+    figure, axes = _figure(f"Test accuracy by review length (dashed: reviews cut to max_length; bins of "
+                           f"{MIN_BIN_REVIEWS}+ reviews)", "review length (tokens)", "test accuracy (%)")
+    bins = [f"{low}-{high - 1}" for low, high in zip(edges, edges[1:])] + [f">={edges[-1]}"]
     for i, row in enumerate(rows):
         for truncated, style in ((False, "-"), (True, "--")):
-            points = [(bins.index(c["bin"]), 100 * c["accuracy"]) for c in cells[row.label] if c["truncated"] == truncated]
+            points = [(bins.index(c["bin"]), 100 * c["accuracy"]) for c in cells[row.label]
+                      if c["truncated"] == truncated and c["count"] >= MIN_BIN_REVIEWS]
             if points:
                 axes.plot(*zip(*points), style, marker="o", color=colormaps["tab10"](i % 10),
                           label=row.label + (" (cut)" if truncated else ""))
@@ -434,7 +446,8 @@ def error_analysis(rows: list[Row]) -> tuple[str, dict[str, bytes]]:
         return "", {}
     pooled = {row.label: {name: np.concatenate([run.predictions[name] for run in row.runs])
                           for name in ("label", "predicted", "prob_positive", "tokens", "truncated")} for row in rows}
-    cells = {label: stats.accuracy_by_length(p["label"] == p["predicted"], p["tokens"], p["truncated"], LENGTH_EDGES)
+    edges = length_edges(rows)
+    cells = {label: stats.accuracy_by_length(p["label"] == p["predicted"], p["tokens"], p["truncated"], edges)
              for label, p in pooled.items()}
     reliability = {label: stats.expected_calibration_error(p["prob_positive"], p["label"]) for label, p in pooled.items()}
 
@@ -472,7 +485,7 @@ def error_analysis(rows: list[Row]) -> tuple[str, dict[str, bytes]]:
                  f"{' '.join(str(review).split()).replace('|', '/')[:200]} |"
                  for index, (_, label, positive, review) in top]
         text.append("")
-    pngs = {"confusion.png": confusion_plot(rows), "accuracy_by_length.png": length_plot(rows, cells),
+    pngs = {"confusion.png": confusion_plot(rows), "accuracy_by_length.png": length_plot(rows, cells, edges),
             "calibration.png": calibration_plot(rows, reliability)}
     return "\n".join(text) + "\n", pngs
 
