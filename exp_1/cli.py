@@ -54,8 +54,9 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
     if args.device_check:
         from exp_1.utils import device_report, launcher_precision
 
-        print(device_report(cfg, launcher_precision() if launcher else None))
-        raise SystemExit(0)
+        report = device_report(cfg, launcher_precision() if launcher else None)
+        print(report)
+        raise SystemExit(2 if "this run would stop" in report else 0)
     return args, cfg
 
 
@@ -131,8 +132,8 @@ def run_cli(main: Callable[[list[str]], Any]) -> None:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C): what was saved is kept; continue with the same command and --resume",
-              file=sys.stderr)
+        print("\ninterrupted (Ctrl-C): what was saved is kept; continue with the same command and --resume (or "
+              "start again if no resume point was saved yet)", file=sys.stderr)
         sys.exit(130)
 
 

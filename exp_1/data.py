@@ -368,6 +368,10 @@ class Loaders:
 def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, accum_steps: int, num_processes: int = 1,
                  process_index: int = 0, device: torch.device = torch.device("cpu"), packed: bool = False) -> Loaders:
     """`packed`: training micro-batches are packed rows (exp_1/packing.py); evaluation always pads."""
+    if accum_steps * num_processes > len(splits.train):  # windows would be mostly weight-0 filler micro-batches
+        raise UserError(f"an optimizer step of {accum_steps} micro-batch(es) x {num_processes} process(es) needs at "
+                        f"least as many training reviews, and there are {len(splits.train)}; lower "
+                        "train.grad_accum_steps (or train.effective_batch_size), or train on more reviews")
     sampler = WindowBatchSampler(splits.train["length"][:], cfg.train.batch_size, accum_steps, cfg.seed, num_processes,
                                  process_index, cfg.data.group_by_length)
     return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, device, packed),

@@ -56,7 +56,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 
     # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
     run.create(cfg, resume, overwrite)
-    points = ResumePoints(run, layout={"script": "plain", "processes": 1, "accum_steps": 1})
+    points = ResumePoints(run, layout={"script": "exp_1/main.py", "processes": 1, "accum_steps": 1})
     if resume:
         state = TrainingState(**points.load(model, optimizer, scheduler, stepper.scaler))
     else:

@@ -193,6 +193,8 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBas
     weights = run_dir / "checkpoints" / f"{which}.safetensors"
     if not weights.is_file():
         raise UserError(f"{weights} not found; is {run_dir} a finished run directory?")
+    if not (run_dir / "model" / "tokenizer.json").is_file():  # without it transformers builds a wrong tokenizer
+        raise UserError(f"{run_dir / 'model' / 'tokenizer.json'} is missing: the run's tokenizer cannot be rebuilt")
     try:
         head = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
         config = AutoConfig.from_pretrained(run_dir / "model")

@@ -90,14 +90,20 @@ class Row:
 
 def find_runs(paths: list[Path]) -> list[Run]:
     """Finished runs (with metrics.json): each path that is a run directory, and those directly in each other path."""
-    runs = []
+    runs, seen = [], set()
     for path in paths:
+        if path.is_file():
+            raise UserError(f"{path} is a file; pass run directories or folders of them (default: runs)")
         if not path.is_dir():
             raise UserError(f"{path}: no such folder; pass run directories or folders of them (default: runs)")
-        if (path / "config.yaml").is_file() and not (path / "metrics.json").is_file():
+        is_run = any((path / name).is_file() for name in ("run.json", "config.yaml", "metrics.json"))
+        if is_run and not (path / "metrics.json").is_file():
             print(f"skipped {path}: not finished (no metrics.json)")
-        folders = [path] if (path / "config.yaml").is_file() else sorted(p for p in path.iterdir() if p.is_dir())
-        runs += [read_run(folder) for folder in folders if (folder / "metrics.json").is_file()]
+        folders = [path] if is_run else sorted(p for p in path.iterdir() if p.is_dir())
+        for folder in folders:
+            if (folder / "metrics.json").is_file() and folder.resolve() not in seen:  # a run named twice counts once
+                seen.add(folder.resolve())
+                runs.append(read_run(folder))
     return runs
 
 
@@ -116,17 +122,33 @@ def read_run(folder: Path) -> Run:
     missing = [key for key in METRICS if key not in metrics]
     if missing:
         raise UserError(f"{folder / 'metrics.json'} lacks {', '.join(missing)}; was it written by this project?")
-    history = read("history.jsonl", lambda text: [json.loads(line) for line in text.splitlines() if line.strip()])
+    history = read("history.jsonl", _parse_history)
     config = read("config.yaml", yaml.safe_load) if (folder / "config.yaml").is_file() else {}
     if not isinstance(config, dict):
         raise UserError(f"{folder / 'config.yaml'} holds no mapping of keys; was it written by this project?")
     predictions = None
     if (folder / "predictions" / "test.csv").is_file():
-        predictions = read(f"predictions/test.csv", _parse_predictions)
+        predictions = read("predictions/test.csv", _parse_predictions)
+        correct = int((predictions["label"] == predictions["predicted"]).sum())
+        if len(predictions["label"]) != metrics.get("n_test") or correct / len(predictions["label"]) != metrics["test_accuracy"]:
+            raise UserError(f"{folder / 'predictions' / 'test.csv'} does not reproduce metrics.json ({len(predictions['label'])} "
+                            f"reviews, accuracy {correct / len(predictions['label']):.4f}; metrics.json: "
+                            f"{metrics.get('n_test')} and {metrics['test_accuracy']:.4f}): it is damaged or another run's")
     else:
-        print(f"note: {folder} lacks predictions/test.csv (trained before prediction files): it gets no interval over "
-              "test reviews, no comparisons and no error analysis")
+        print(f"note: {folder} lacks predictions/test.csv (a run from before prediction files, or the file was "
+              "removed): it gets no interval over test reviews, no comparisons and no error analysis")
     return Run(folder, metrics, history, config, predictions)
+
+
+def _parse_history(text: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"line {number} is not JSON ({err.msg})") from None
+    return records
 
 
 def _parse_predictions(text: str) -> dict:
@@ -292,8 +314,14 @@ def _figure(title: str, xlabel: str, ylabel: str, size=(8, 4.8)):
 
 
 def _png(figure: Figure) -> bytes:
+    """The figure as PNG bytes, with a legend of whatever it shows (or a note that it shows nothing)."""
     import io
 
+    for axes in figure.axes:
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+        elif not axes.images:
+            axes.text(0.5, 0.5, "nothing logged to plot", transform=axes.transAxes, ha="center", color="grey")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -347,7 +375,6 @@ def curve_plot(rows: list[Row], key: str, title: str, ylabel: str, percent: bool
         epochs = sorted({int(e) for row in rows for run in row.runs for e in _series(run, key, "epoch")[0]}) or [1]
         axes.set_xticks(epochs)
         axes.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
-    axes.legend(fontsize="small")
     return _png(figure)
 
 
@@ -383,7 +410,6 @@ def batch_plot(rows: list[Row]) -> bytes:
     axes.set_xscale("log", base=2)
     batches = sorted({r.first.metrics["effective_batch_size"] for r in rows})
     axes.set_xticks(batches, [str(b) for b in batches])
-    axes.legend(fontsize="small")
     return _png(figure)
 
 
@@ -421,7 +447,6 @@ def length_plot(rows: list[Row], cells: dict[str, list[dict]], edges: list[int])
                 axes.plot(*zip(*points), style, marker="o", color=colormaps["tab10"](i % 10),
                           label=row.label + (" (cut)" if truncated else ""))
     axes.set_xticks(range(len(bins)), bins)
-    axes.legend(fontsize="small")
     return _png(figure)
 
 
@@ -433,7 +458,6 @@ def calibration_plot(rows: list[Row], reliability: dict[str, tuple]) -> bytes:
         ece, bins = reliability[row.label]
         axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
                   color=colormaps["tab10"](i % 10), label=f"{row.label} (ECE {ece:.3f})")
-    axes.legend(fontsize="small")
     return _png(figure)
 
 

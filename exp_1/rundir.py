@@ -45,7 +45,8 @@ class OutOfSpace(RunStopped):
 
     def __init__(self, path: Path, err: OSError):
         super().__init__(f"cannot write {path}: {err.strerror or err}; what was saved before stays usable: free "
-                         "some space, then continue with --resume", exit_code=1)
+                         "some space, then continue with --resume (or start again with --overwrite if no resume point "
+                         "was saved yet)", exit_code=1)
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -163,10 +164,11 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir() if p.name not in OWN_ENTRIES and not p.name.endswith(".tmp"))
 
     def config_changes(self, cfg) -> list[str]:
-        """The keys in which `cfg` differs from the config this run was started with (where the run lives, name and
-        output_dir, may change: a run directory can be moved)."""
+        """The keys in which `cfg` differs from the config this run was started with. Where the run lives (name,
+        output_dir) may change, since a run directory can be moved, and so may tracking, which trains nothing."""
         saved = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
-        return [key for key in _changed_keys(saved, to_plain_dict(cfg)) if key not in ("name", "output_dir")]
+        return [key for key in _changed_keys(saved, to_plain_dict(cfg))
+                if key not in ("name", "output_dir") and not key.startswith("tracking.")]
 
     # --- checks (read only), the lock, creation
 
@@ -183,6 +185,9 @@ class RunDir:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"output_dir={cfg.output_dir}: {existing} is not writable; choose a folder you can write to")
         if self.path.is_dir() and not self.is_run() and set(os.listdir(self.path)) - {LOCK}:
+            if (self.path / MARKER).exists():
+                raise UserError(f"{self.path / MARKER} is damaged or not this project's, so {self.path} is not taken "
+                                "for a run; restore the file if it was, or choose another name= or output_dir=")
             raise UserError(f"{self.path} exists and is not a run directory of this project (no {MARKER}); choose "
                             "another name= or output_dir=")
         holder = self.holder()
@@ -202,6 +207,9 @@ class RunDir:
                 raise UserError(f"--resume: the config differs from {self.path / 'config.yaml'} in "
                                 f"{', '.join(changed)}; resume with the run's own config")
         elif self.is_run() and self.has_results():
+            if not overwrite and self.is_finished():
+                raise UserError(f"run directory {self.path} holds a finished run; pass --overwrite to train it again, "
+                                "or choose another name=")
             if not overwrite:
                 raise UserError(f"run directory {self.path} already holds results; pass --resume to continue it, "
                                 "--overwrite to replace it, or choose another name=")

@@ -53,6 +53,10 @@ def main(argv=None) -> dict[Path, str]:
         raise UserError(f"--launcher starts exp_2/main_accelerate.py; {args.script} would train once per process")
     if not shutil.which(launcher[0]):
         raise UserError(f"--launcher: {launcher[0]} not found; is it installed and on PATH?")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give the folder for the results tables (default: training_results)")
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: a seed appears twice; give each once")
     if not any(o.startswith("tracking.group=") for o in overrides) and not os.environ.get("WANDB_RUN_GROUP"):
         overrides.append(f"tracking.group={args.group or '+'.join(config.stem for config in configs)[:120]}")
 

@@ -55,7 +55,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 
     # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
     run.create(cfg, resume, overwrite)
-    points = ResumePoints(run, layout={"script": "plain", "processes": 1, "accum_steps": accum_steps})
+    points = ResumePoints(run, layout={"script": "exp_2/main.py", "processes": 1, "accum_steps": accum_steps})
     if resume:
         state = TrainingState(**points.load(model, optimizer, scheduler, stepper.scaler))
     else:

@@ -92,7 +92,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     if is_main:
         run.create(cfg, resume, overwrite)
     accelerator.wait_for_everyone()
-    points = ResumePoints(run, {"script": "accelerate", "processes": accelerator.num_processes,
+    points = ResumePoints(run, {"script": "exp_2/main_accelerate.py", "processes": accelerator.num_processes,
                                 "accum_steps": accum_steps}, accelerator.process_index, accelerator.wait_for_everyone)
     if resume:
         state = TrainingState(**points.load(plain_model, optimizer, scheduler, accelerator.scaler))

@@ -89,7 +89,15 @@ CASES = {
     "missing config file": ("exp1", ["--config", "DIR/missing.yaml"], "missing.yaml not found"),
     "conflicting flags": ("exp1", ["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     "resume of no run": ("exp1", ["--resume", "name=never_ran"], "--resume: there is no run at"),
-    "results without a flag": ("exp1", ["name=finished"], "already holds results; pass --resume to continue it, --overwrite"),
+    "a finished run without a flag": ("exp1", ["name=finished"], "holds a finished run; pass --overwrite to train it"),
+    "an interrupted run without a flag": ("exp1", ["name=interrupted"], "already holds results; pass --resume to continue"),
+    "a damaged marker": ("exp1", ["name=unmarked", "--overwrite"], "run.json is damaged or not this project's"),
+    "an empty value": ("exp1", ["train.lr="], "command line: train.lr is empty; give it a value"),
+    "a value for a section": ("exp1", ["train=5"], "train is a section; set its keys, e.g. train.batch_size=..."),
+    "a tab in YAML": ("exp1", ["--config", "DIR/tabs.yaml"], "is not valid YAML: found character '\\t' that cannot start any token at line 2"),
+    "more micro-batches than reviews": ("exp2", ["train.grad_accum_steps=1000000"],
+                                        "needs at least as many training reviews, and there are 180"),
+    "a size beyond any machine": ("exp1", ["train.batch_size=99999999999999"], "must be a positive integer up to 2147483647"),
     "resume of a finished run": ("exp1", ["--resume", "name=finished"], "has finished (metrics.json exists)"),
     "resume with every point damaged": ("exp1", ["--resume", "name=damaged"], "no usable resume point"),
     "resume with another config": ("exp1", ["--resume", "name=interrupted", "train.lr=0.5"],
@@ -147,6 +155,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, review
     (tmp_path / "notes.txt").write_text("not a folder")
     (tmp_path / "broken.yaml").write_text("train: {lr: 1e-4\n")
     (tmp_path / "list.yaml").write_text("- train\n- lr\n")
+    (tmp_path / "tabs.yaml").write_text("train:\n\tlr: 0.1\n")
     _folder(tmp_path, "victim", {"config.yaml": "k: v\n", "precious.txt": "notes"})
     config = tiny_config(tmp_path, tiny_bert, reviews_dir)
     runs = tmp_path / "runs"
@@ -154,7 +163,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, review
     _fake_run(runs, "annotated", config, {"metrics.json": "{}\n", "notes.txt": "mine"})
     layout = {"script": "accelerate", "processes": 1, "accum_steps": 1}
     _fake_run(runs, "interrupted", config, {"history.jsonl": "{}\n"}, layout)
-    _fake_run(runs, "damaged", config, {"history.jsonl": "{}\n"}, {**layout, "script": "plain"}, damaged=True)
+    _fake_run(runs, "damaged", config, {"history.jsonl": "{}\n"}, {**layout, "script": "exp_1/main.py"}, damaged=True)
+    _fake_run(runs, "unmarked", config, {"metrics.json": "{}\n"})
+    (runs / "unmarked" / "run.json").write_text("{garbage")
     _fake_run(runs, "busy", config, {"history.jsonl": "{}\n"}, layout)
     lock = open(runs / "busy" / ".lock", "w")  # as another process writing the run would hold it
     fcntl.flock(lock, fcntl.LOCK_EX)

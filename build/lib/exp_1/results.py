@@ -42,8 +42,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 METRICS = ["script", "model", "effective_batch_size", "epochs", "optimizer_steps", "lr", "test_loss", "test_accuracy",
            "test_f1", "wall_seconds", "train_samples_per_s", "device", "precision", "num_processes"]  # what results use
 NOT_THE_CONFIGURATION = ("seed", "name", "tracking")  # runs differing only in these are seeds of one row
-LENGTH_EDGES = [0, 128, 256, 512, 1024]  # token-count bins of the accuracy-by-length analysis
+LENGTH_EDGES = [0, 128, 256, 512, 1024]  # token-count bins of the accuracy-by-length analysis (plus each max_length)
 SIGNIFICANCE = 0.05
+MIN_BIN_REVIEWS = 10  # the length plot leaves out bins with fewer reviews (the table has them all)
 SMOOTHING = 25  # a train-loss curve is a moving average over 1/25 of its steps
 
 
@@ -89,14 +90,20 @@ class Row:
 
 def find_runs(paths: list[Path]) -> list[Run]:
     """Finished runs (with metrics.json): each path that is a run directory, and those directly in each other path."""
-    runs = []
+    runs, seen = [], set()
     for path in paths:
+        if path.is_file():
+            raise UserError(f"{path} is a file; pass run directories or folders of them (default: runs)")
         if not path.is_dir():
             raise UserError(f"{path}: no such folder; pass run directories or folders of them (default: runs)")
-        if (path / "config.yaml").is_file() and not (path / "metrics.json").is_file():
+        is_run = any((path / name).is_file() for name in ("run.json", "config.yaml", "metrics.json"))
+        if is_run and not (path / "metrics.json").is_file():
             print(f"skipped {path}: not finished (no metrics.json)")
-        folders = [path] if (path / "config.yaml").is_file() else sorted(p for p in path.iterdir() if p.is_dir())
-        runs += [read_run(folder) for folder in folders if (folder / "metrics.json").is_file()]
+        folders = [path] if is_run else sorted(p for p in path.iterdir() if p.is_dir())
+        for folder in folders:
+            if (folder / "metrics.json").is_file() and folder.resolve() not in seen:  # a run named twice counts once
+                seen.add(folder.resolve())
+                runs.append(read_run(folder))
     return runs
 
 
@@ -115,17 +122,33 @@ def read_run(folder: Path) -> Run:
     missing = [key for key in METRICS if key not in metrics]
     if missing:
         raise UserError(f"{folder / 'metrics.json'} lacks {', '.join(missing)}; was it written by this project?")
-    history = read("history.jsonl", lambda text: [json.loads(line) for line in text.splitlines() if line.strip()])
+    history = read("history.jsonl", _parse_history)
     config = read("config.yaml", yaml.safe_load) if (folder / "config.yaml").is_file() else {}
     if not isinstance(config, dict):
         raise UserError(f"{folder / 'config.yaml'} holds no mapping of keys; was it written by this project?")
     predictions = None
     if (folder / "predictions" / "test.csv").is_file():
-        predictions = read(f"predictions/test.csv", _parse_predictions)
+        predictions = read("predictions/test.csv", _parse_predictions)
+        correct = int((predictions["label"] == predictions["predicted"]).sum())
+        if len(predictions["label"]) != metrics.get("n_test") or correct / len(predictions["label"]) != metrics["test_accuracy"]:
+            raise UserError(f"{folder / 'predictions' / 'test.csv'} does not reproduce metrics.json ({len(predictions['label'])} "
+                            f"reviews, accuracy {correct / len(predictions['label']):.4f}; metrics.json: "
+                            f"{metrics.get('n_test')} and {metrics['test_accuracy']:.4f}): it is damaged or another run's")
     else:
-        print(f"note: {folder} lacks predictions/test.csv (trained before prediction files): it gets no interval over "
-              "test reviews, no comparisons and no error analysis")
+        print(f"note: {folder} lacks predictions/test.csv (a run from before prediction files, or the file was "
+              "removed): it gets no interval over test reviews, no comparisons and no error analysis")
     return Run(folder, metrics, history, config, predictions)
+
+
+def _parse_history(text: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"line {number} is not JSON ({err.msg})") from None
+    return records
 
 
 def _parse_predictions(text: str) -> dict:
@@ -157,16 +180,17 @@ def group_rows(runs: list[Run]) -> list[Row]:
         row.runs.sort(key=lambda run: run.metrics.get("seed", 0))
     for label in {row.label for row in rows}:
         same = [row for row in rows if row.label == label]
-        if len(same) > 1:  # tell them apart by what differs between them
+        if len(same) > 1:  # tell them apart by their output_dir when that does, else by the keys that differ
             flat = [_flatten(_configuration(row.first)) for row in same]
             keys = [k for k in sorted(set().union(*flat)) if len({str(f.get(k)) for f in flat}) > 1]
+            by_folder = len({Path(str(f.get("output_dir"))).name for f in flat}) == len(same)
             for row, values in zip(same, flat):
-                row.label += " (" + ", ".join(f"{k.split('.')[-1] if k != 'output_dir' else 'in'}="
-                                              f"{Path(str(values.get(k))).name if k == 'output_dir' else values.get(k)}"
-                                              for k in keys) + ")"
+                row.label += (f" ({Path(str(values.get('output_dir'))).name})" if by_folder else
+                              " (" + ", ".join(f"{k.split('.')[-1]}={values.get(k)}" for k in keys) + ")")
     for row in rows:
         row.values = _row_values(row)
-    return rows
+    return sorted(rows, key=lambda row: (str(row.first.config.get("output_dir", "")),
+                                         row.first.metrics["effective_batch_size"], row.label))
 
 
 def _configuration(run: Run) -> dict:
@@ -240,6 +264,9 @@ class Comparison:
 
     def sentence(self, comparisons: int) -> str:
         d, lo, hi = 100 * self.difference, 100 * self.low, 100 * self.high
+        if d < 0:  # the better row first: its lead and interval read as positive numbers
+            return Comparison(self.b, self.a, -self.difference, -self.high, -self.low, self.p, self.p_holm).sentence(
+                comparisons)
         numbers = (f"{d:+.1f} points, 95% interval {lo:+.1f} to {hi:+.1f}; McNemar p = {self.p:.3g}, "
                    f"{self.p_holm:.3g} after Holm's correction for {comparisons} comparison(s)")
         if self.low <= 0 <= self.high:
@@ -248,8 +275,7 @@ class Comparison:
         if not self.significant:
             return (f"**{self.a.label}** and **{self.b.label}**: the interval excludes 0 but McNemar's test after "
                     f"correction does not ({numbers}); the difference is not established.")
-        better, worse = (self.a, self.b) if d > 0 else (self.b, self.a)
-        return f"**{better.label}** is more accurate than **{worse.label}** ({numbers})."
+        return f"**{self.a.label}** is more accurate than **{self.b.label}** ({numbers})."
 
 
 def compare(rows: list[Row]) -> list[Comparison]:
@@ -337,6 +363,7 @@ def curve_plot(rows: list[Row], key: str, title: str, ylabel: str, percent: bool
             window = max(1, length // SMOOTHING)
             axes.plot(x, mean, color=color, alpha=0.2, linewidth=0.8)
             axes.plot(x[window - 1:], np.convolve(mean, np.ones(window) / window, "valid"), color=color,
+                      marker="o" if length <= 20 else None,  # a run of a few steps is a few dots, not a line
                       label=row.label + (f" (mean of {window} steps)" if window > 1 else ""))
     if validation:  # whole epochs only, also when there is just one
         epochs = sorted({int(e) for row in rows for run in row.runs for e in _series(run, key, "epoch")[0]}) or [1]
@@ -398,13 +425,20 @@ def confusion_plot(rows: list[Row]) -> bytes:
     return _png(figure)
 
 
-def length_plot(rows: list[Row], cells: dict[str, list[dict]]) -> bytes:
-    figure, axes = _figure("Test accuracy by review length in tokens (dashed: reviews cut to max_length)",
-                           "review length (tokens)", "test accuracy (%)")
-    bins = [f"{low}-{high - 1}" for low, high in zip(LENGTH_EDGES, LENGTH_EDGES[1:])] + [f">={LENGTH_EDGES[-1]}"]
+def length_edges(rows: list[Row]) -> list[int]:
+    """Token-count bins: the usual ones, split also at each row's max_length, where cutting starts."""
+    limits = {run.config.get("data", {}).get("max_length") for row in rows for run in row.runs}
+    return sorted(set(LENGTH_EDGES) | {limit for limit in limits if isinstance(limit, int)})
+
+
+def length_plot(rows: list[Row], cells: dict[str, list[dict]], edges: list[int]) -> bytes:
+    figure, axes = _figure(f"Test accuracy by review length (dashed: reviews cut to max_length; bins of "
+                           f"{MIN_BIN_REVIEWS}+ reviews)", "review length (tokens)", "test accuracy (%)")
+    bins = [f"{low}-{high - 1}" for low, high in zip(edges, edges[1:])] + [f">={edges[-1]}"]
     for i, row in enumerate(rows):
         for truncated, style in ((False, "-"), (True, "--")):
-            points = [(bins.index(c["bin"]), 100 * c["accuracy"]) for c in cells[row.label] if c["truncated"] == truncated]
+            points = [(bins.index(c["bin"]), 100 * c["accuracy"]) for c in cells[row.label]
+                      if c["truncated"] == truncated and c["count"] >= MIN_BIN_REVIEWS]
             if points:
                 axes.plot(*zip(*points), style, marker="o", color=colormaps["tab10"](i % 10),
                           label=row.label + (" (cut)" if truncated else ""))
@@ -434,7 +468,8 @@ def error_analysis(rows: list[Row]) -> tuple[str, dict[str, bytes]]:
         return "", {}
     pooled = {row.label: {name: np.concatenate([run.predictions[name] for run in row.runs])
                           for name in ("label", "predicted", "prob_positive", "tokens", "truncated")} for row in rows}
-    cells = {label: stats.accuracy_by_length(p["label"] == p["predicted"], p["tokens"], p["truncated"], LENGTH_EDGES)
+    edges = length_edges(rows)
+    cells = {label: stats.accuracy_by_length(p["label"] == p["predicted"], p["tokens"], p["truncated"], edges)
              for label, p in pooled.items()}
     reliability = {label: stats.expected_calibration_error(p["prob_positive"], p["label"]) for label, p in pooled.items()}
 
@@ -472,7 +507,7 @@ def error_analysis(rows: list[Row]) -> tuple[str, dict[str, bytes]]:
                  f"{' '.join(str(review).split()).replace('|', '/')[:200]} |"
                  for index, (_, label, positive, review) in top]
         text.append("")
-    pngs = {"confusion.png": confusion_plot(rows), "accuracy_by_length.png": length_plot(rows, cells),
+    pngs = {"confusion.png": confusion_plot(rows), "accuracy_by_length.png": length_plot(rows, cells, edges),
             "calibration.png": calibration_plot(rows, reliability)}
     return "\n".join(text) + "\n", pngs
 

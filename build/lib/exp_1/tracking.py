@@ -37,7 +37,7 @@ LABELS = ("negative", "positive")
 
 
 def run_facts(script: str, accum_steps: int, effective_batch: int, processes: int, lr: float, device: str,
-              precision: str, split: dict) -> dict:
+              precision: str, split: dict, packed: bool = False) -> dict:
     """What a run derived from its config and machine: WandB's `derived` config section, and part of metrics.json."""
     import accelerate
     import torch
@@ -46,7 +46,7 @@ def run_facts(script: str, accum_steps: int, effective_batch: int, processes: in
     sizes = {name: len(split[name]) for name in ("train", "validation", "test")}
     indices = json.dumps([split["train"], split["validation"], split["test"], split["combined_size"]])
     return {"script": script, "accum_steps": accum_steps, "effective_batch_size": effective_batch,
-            "num_processes": processes, "lr": lr, "device": device, "precision": precision,
+            "num_processes": processes, "lr": lr, "device": device, "precision": precision, "packed": packed,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "accelerate": accelerate.__version__},
             "git_commit": git_commit(), "split_sizes": sizes,

@@ -182,5 +182,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device`; plain numbers (a packed batch's max_seqlen) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def use_packing(setting: str, model_cfg, device: torch.device) -> bool:
+    """train.packing: true packs (on a CPU through a reference attention that is exact but not faster); false
+    pads; auto pads until the flash varlen path has been measured on a GPU (README: Performance)."""
+    setting = setting.lower()
+    if setting == "true" and device.type == "cuda" and (model_cfg.attention_dropout or 0) > 0:
+        raise UserError("train.packing=true on a GPU needs model.attention_dropout=0: the flash varlen kernel has no "
+                        "attention dropout")
+    return setting == "true"

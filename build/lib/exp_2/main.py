@@ -24,7 +24,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
     from exp_1.train import Meter, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
-    from exp_1.utils import pick_device, pick_precision, seed_everything
+    from exp_1.utils import pick_device, pick_precision, seed_everything, use_packing
 
     started = time.time()
     accum_steps = grad_accum_steps(cfg.train)
@@ -35,15 +35,16 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # device
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
+    packed = use_packing(cfg.train.packing, cfg.model, device)
 
     # model and data, checked before the run directory is touched; the sampler cuts every optimizer-step window
     # into exactly `accum_steps` micro-batches
-    tokenizer, model = load_model(cfg.model, cfg.data)
+    tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
     if cfg.train.compile:
         model.compile()  # in place, so checkpoints keep the plain model's keys
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, device=device)
+    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, device=device, packed=packed)
 
     # optimizer and schedule, sized in optimizer steps
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
@@ -54,7 +55,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 
     # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
     run.create(cfg, resume, overwrite)
-    points = ResumePoints(run, layout={"script": "plain", "processes": 1, "accum_steps": accum_steps})
+    points = ResumePoints(run, layout={"script": "exp_2/main.py", "processes": 1, "accum_steps": accum_steps})
     if resume:
         state = TrainingState(**points.load(model, optimizer, scheduler, stepper.scaler))
     else:
@@ -64,7 +65,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 
     # tracking: history.jsonl and WandB
     facts = run_facts("exp_2/main.py", accum_steps, loaders.sampler.effective_batch, 1, lr, device.type, precision,
-                      splits.record)
+                      splits.record, packed)
     tracker = Tracker(run, cfg, facts)
     meter = Meter(state, loaders.sampler)
     print(describe(cfg, facts, steps_per_epoch))

@@ -51,7 +51,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
     from exp_1.train import Meter, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
-    from exp_1.utils import launcher_precision, pick_device, pick_precision, seed_everything
+    from exp_1.utils import launcher_precision, pick_device, pick_precision, seed_everything, use_packing
 
     started = time.time()
 
@@ -61,6 +61,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     processes = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.train.peer_timeout))
     precision = pick_precision(cfg.train.precision, processes.device, launcher=launcher_precision())
     accum_steps = grad_accum_steps(cfg.train, processes.num_processes)
+    packed = use_packing(cfg.train.packing, cfg.model, processes.device)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only, on every process: what could not be started stops here
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[precision],
@@ -69,7 +70,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     seed_everything(cfg.seed)
 
     # model and data, checked before the run directory is touched
-    tokenizer, model = load_model(cfg.model, cfg.data)
+    tokenizer, model = load_model(cfg.model, cfg.data, packed)
     if cfg.train.compile:
         model.compile()  # in place, so checkpoints keep the plain model's keys
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
@@ -77,7 +78,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # The train loader is not prepared: Accelerate's sharding would top up uneven last batches with repeated
     # samples. The sampler deals each window's micro-batches to the processes itself.
     loaders = make_loaders(splits, tokenizer, cfg, accum_steps, accelerator.num_processes, accelerator.process_index,
-                           accelerator.device)
+                           accelerator.device, packed)
 
     # optimizer and schedule, sized in optimizer steps (the scheduler is stepped by hand, once per real step)
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
@@ -91,7 +92,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     if is_main:
         run.create(cfg, resume, overwrite)
     accelerator.wait_for_everyone()
-    points = ResumePoints(run, {"script": "accelerate", "processes": accelerator.num_processes,
+    points = ResumePoints(run, {"script": "exp_2/main_accelerate.py", "processes": accelerator.num_processes,
                                 "accum_steps": accum_steps}, accelerator.process_index, accelerator.wait_for_everyone)
     if resume:
         state = TrainingState(**points.load(plain_model, optimizer, scheduler, accelerator.scaler))
@@ -104,7 +105,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
 
     # tracking: history.jsonl and WandB, on the main process
     facts = run_facts("exp_2/main_accelerate.py", accum_steps, loaders.sampler.effective_batch,
-                      accelerator.num_processes, lr, accelerator.device.type, precision, splits.record)
+                      accelerator.num_processes, lr, accelerator.device.type, precision, splits.record, packed)
     tracker = Tracker(run, cfg, facts, active=is_main)
     meter = Meter(state, loaders.sampler, show=accelerator.is_local_main_process)
     accelerator.print(describe(cfg, facts, steps_per_epoch) + f" ({accelerator.distributed_type})")
