@@ -55,10 +55,12 @@ def run_facts(script: str, accum_steps: int, effective_batch: int, processes: in
 
 def git_commit() -> Optional[str]:
     """The project's commit (with -dirty when files changed), or None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+
     try:
-        run = lambda *args: subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                           timeout=5, check=True).stdout.strip()
-        return run("rev-parse", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
