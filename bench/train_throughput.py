@@ -17,9 +17,11 @@ project is. A variant this machine cannot run is reported as such, with the reas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -41,17 +43,24 @@ def parse_args(argv=None):
     p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="hub id or local folder")
     p.add_argument("--random-modernbert", action="store_true",
                    help="a randomly initialised ModernBERT-base-shaped encoder (with --model's tokenizer)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model's shape with random weights (for speed where its weights are not at hand)")
     p.add_argument("--data", default="stanfordnlp/imdb", help="hub dataset id or local IMDB folder")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="reviews per optimizer step")
+    p.add_argument("--micro-batch", type=int,
+                   help="reviews per micro-batch of the padded variants and HF Trainer (gradient accumulation up to "
+                        "--batch-size; default: the whole batch). Packed variants take each batch as one micro-batch")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="this project's precision (auto as in training); the same-settings Trainer follows it")
     p.add_argument("--only", nargs="*", choices=VARIANTS + ON_REQUEST, default=VARIANTS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--model-folder", help=argparse.SUPPRESS)  # internal: the random-weights model, made once
     return p.parse_args(argv)
 
 
@@ -69,17 +78,17 @@ def model_path(args) -> str:
     from exp_1.model import resolve_model_path
 
     path = resolve_model_path(args.model)
-    if not args.random_modernbert:
+    if not (args.random_modernbert or args.random_weights):
         return path
-    from transformers import AutoModel, AutoTokenizer, ModernBertConfig
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, ModernBertConfig
 
-    folder = Path(tempfile.mkdtemp(prefix="modernbert-random-"))
+    folder = Path(tempfile.mkdtemp(prefix="random-weights-"))
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    AutoModel.from_config(ModernBertConfig(
+    config = AutoConfig.from_pretrained(path) if args.random_weights else ModernBertConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id)).save_pretrained(folder)
+        sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -97,41 +106,66 @@ def sample_reviews(args) -> tuple[list[str], list[int]]:
 
 
 class Timer:
-    """Wall time from the end of the last warmup step to the end of the last step, and the tokens in between: real
-    ones, processed ones (padding included), and the sum of squared review lengths that attention costs."""
+    """Wall time from the end of the last warmup step to the end of the last step, and what those steps trained: the
+    reviews' real lengths (for tokens and attention FLOPs) and the tokens processed, padding included. The device is
+    synchronised only at the first step, at the end of warmup and at the end, never per step."""
 
     STARTED = time.perf_counter()  # the variant's process start: time to the first step includes loading and compiling
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
-        self.steps = self.real = self.processed = self.samples = self.squared = 0
+        self.steps = self.processed = 0
+        self.lengths: list[int] = []
         self.start = self.first_step = None
 
-    def step_done(self, batch: dict) -> None:
+    def sync(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def micro_batch(self, batch: dict) -> None:
+        """Before training on a micro-batch (still on the host): counted when its step is timed."""
+        if self.steps < self.warmup:
+            return
+        if "cu_seqlens" in batch:  # packed: the reviews' lengths are the row's boundaries
+            lengths = batch["cu_seqlens"].diff()
+        elif "position_ids" in batch and "attention_mask" not in batch:  # flattened rows: positions restart at 0
+            starts = torch.nonzero(batch["position_ids"].flatten() == 0).flatten()
+            lengths = torch.diff(starts, append=torch.tensor([batch["position_ids"].numel()]))
+        else:
+            lengths = batch["attention_mask"].sum(1)
+        self.lengths += lengths.tolist()
+        self.processed += batch["input_ids"].numel()
+
+    def step_done(self) -> None:
         self.steps += 1
         if self.steps == 1:
-            self.first_step = time.perf_counter() - self.STARTED
+            self.first_step = self.sync() - self.STARTED
         if self.steps == self.warmup:
-            self.start = time.perf_counter()
-        elif self.steps > self.warmup:
-            if "cu_seqlens" in batch:  # packed: the reviews' lengths are the row's boundaries
-                lengths = batch["cu_seqlens"].diff().long()
-            elif "position_ids" in batch and "attention_mask" not in batch:  # flattened rows: positions restart at 0
-                starts = torch.nonzero(batch["position_ids"].flatten() == 0).flatten()
-                lengths = torch.diff(starts, append=torch.tensor([batch["position_ids"].numel()]))
-            else:
-                lengths = batch["attention_mask"].sum(1)
-            self.real += int(lengths.sum())
-            self.squared += int((lengths ** 2).sum())
-            self.processed += batch["input_ids"].numel()
-            self.samples += len(lengths)
+            self.start = self.sync()
 
     def result(self) -> dict:
-        seconds = time.perf_counter() - self.start
-        return {"seconds": seconds, "real_tokens": self.real, "processed_tokens": self.processed,
-                "samples": self.samples, "squared_lengths": self.squared, "first_step_seconds": self.first_step}
+        seconds = self.sync() - self.start
+        return {"seconds": seconds, "real_tokens": sum(self.lengths), "processed_tokens": self.processed,
+                "samples": len(self.lengths), "steps": self.steps - self.warmup, "first_step_seconds": self.first_step,
+                "lengths": self.lengths}
+
+
+def attended_pairs(lengths: list[int], half_window: int | None) -> int:
+    """Query-key pairs a review's attention computes: all L x L, or those within `half_window` positions."""
+    if half_window is None:
+        return sum(n * n for n in lengths)
+    total = 0
+    for n in lengths:
+        m = min(half_window, n - 1)
+        total += n + 2 * (m * n - m * (m + 1) // 2)
+    return total
+
+
+def layer_half_windows(config) -> list[int | None]:
+    """Each layer's attention span: None for full attention, else the half window (ModernBERT's local layers)."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [config.sliding_window if kind == "sliding_attention" else None for kind in types]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -143,68 +177,74 @@ def peak_memory_mb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------------- the variants
 
 def run_this_project(args, texts, labels, path, device, precision, compiled: bool = False, packed: bool = False):
-    """exp_1's pipeline: length-grouped windows, dynamic padding, attention dropout 0, auto precision, fused AdamW;
-    with train.compile if `compiled` (then the first 3 steps, which compile for the first and then dynamic shapes,
-    are not timed); on packed micro-batches (train.packing) if `packed`."""
+    """exp_1/exp_2's pipeline: length-grouped windows, dynamic padding, attention dropout 0, auto precision, fused
+    AdamW, gradient accumulation over --micro-batch; with train.compile if `compiled` (the first 3 steps, which
+    compile, are not timed); on packed micro-batches (train.packing), one per batch, if `packed`."""
     import datasets
     from omegaconf import OmegaConf
 
     from exp_1.config import Config
     from exp_1.data import WindowBatchSampler, make_train_loader, tokenize
-    from exp_1.model import load_model
+    from exp_1.model import compile_model, load_model
     from exp_1.train import Stepper, build_optimizer, build_scheduler
 
+    micro = args.batch_size if packed else (args.micro_batch or args.batch_size)
+    accum = args.batch_size // micro
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "model": {"name": path, "attention_dropout": 0.0}, "data": {"max_length": args.max_length},
-        "train": {"batch_size": args.batch_size, "compile": compiled}})
+        "train": {"batch_size": micro, "compile": compiled}})
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
     if cfg.train.compile:
-        model.compile()
+        compile_model(model, packed)
         args.warmup = max(args.warmup, 3)
     rows = tokenize(datasets.Dataset.from_dict({"text": texts, "label": labels}), tokenizer, args.max_length,
                     model.input_names)
-    sampler = WindowBatchSampler(rows["length"][:], args.batch_size, 1, args.seed)
-    sampler.set_epoch(1)
+    sampler = WindowBatchSampler(rows["length"][:], micro, accum, args.seed)
+    loader = make_train_loader(rows, sampler, tokenizer, cfg, device, packed)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
-    stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, len(sampler)), device, precision, 1.0)
+    stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, 10**6), device, precision, 1.0)
     timer = Timer(args.warmup, device)
     model.train()
-    for batch in make_train_loader(rows, sampler, tokenizer, cfg, device, packed):
-        stepper.forward_backward(batch)
-        stepper.optimizer_step()
-        timer.step_done(batch)
-        if timer.steps == args.warmup + args.steps:
-            break
-    return timer, precision, model.encoder
+    for epoch in itertools.count(1):  # as many passes over the pool as the steps need
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader, 1):
+            timer.micro_batch(batch)
+            stepper.forward_backward(batch)
+            if i % accum == 0:
+                stepper.optimizer_step()
+                timer.step_done()
+                if timer.steps == args.warmup + args.steps:
+                    return timer, precision, model.encoder
 
 
-class NotRun(Exception):
-    """A variant this machine cannot run (the report says why)."""
+def flash_attention(device: torch.device) -> str | None:
+    """The flash attention implementation HF's padding-free path can use here, if any."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if device.type != "cuda":
+        return None
+    return "flash_attention_3" if is_flash_attn_3_available() else "flash_attention_2" if is_flash_attn_2_available() else None
 
 
 def run_hf_trainer(args, texts, labels, path, device, precision, same_settings: bool, padding_free: bool = False):
-    """AutoModelForSequenceClassification + Trainer; defaults, or our model settings and precision; with
-    `padding_free`, HF's own packing (DataCollatorWithFlattening), which needs flash attention to keep reviews
-    apart."""
+    """AutoModelForSequenceClassification + Trainer, --micro-batch per device with gradient accumulation up to
+    --batch-size; defaults, or our model settings and precision; with `padding_free`, HF's own packing
+    (DataCollatorWithFlattening), which needs flash attention to keep reviews apart."""
     import datasets
     from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithFlattening,
                               DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 
     from exp_1.model import override_dropout
 
+    attention = {"attn_implementation": flash_attention(device)} if padding_free else {}
+    micro = args.micro_batch or args.batch_size
+    accum = args.batch_size // micro
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path, num_labels=2)
     if same_settings:
         override_dropout(config, 0.0, only="attention")
-    if padding_free:
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config,
-                                                                       attn_implementation="flash_attention_2")
-        except (ImportError, ValueError) as err:
-            raise NotRun(f"flash_attention_2 is not available here ({str(err).splitlines()[0][:120]})") from None
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **attention)
     rows = datasets.Dataset.from_dict({"text": texts, "label": labels}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True,
         remove_columns=["text"])
@@ -219,11 +259,13 @@ def run_hf_trainer(args, texts, labels, path, device, precision, same_settings: 
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, *_, **__):
-            timer.step_done(batches.pop(0))
+            for _ in range(accum):
+                timer.micro_batch(batches.pop(0))
+            timer.step_done()
 
     used = precision if same_settings else "fp32"
     training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         max_steps=args.warmup + args.steps, report_to="none", save_strategy="no", logging_strategy="no",
         disable_tqdm=True, use_cpu=device.type == "cpu", seed=args.seed,
         **({"bf16": used == "bf16", "fp16": used == "fp16", "optim": "adamw_torch_fused"} if same_settings else {}))
@@ -247,12 +289,13 @@ def run_original(args, texts, labels, path, device, precision):
         rows = order[start:start + args.batch_size]
         batch = tokenizer([texts[i] for i in rows], padding="max_length", truncation=True,
                           max_length=args.max_length, return_tensors="pt").to(device)
+        timer.micro_batch(batch)
         hidden = encoder(**batch).last_hidden_state
         loss = torch.nn.functional.cross_entropy(head(hidden.mean(1)), torch.tensor([labels[i] for i in rows], device=device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        timer.step_done(batch)
+        timer.step_done()
     return timer, "fp32", encoder
 
 
@@ -261,7 +304,10 @@ def run_variant(args) -> dict:
 
     seed_everything(args.seed)
     device, precision = device_and_precision(args)
-    path = model_path(args)
+    if args.variant == "HF Trainer, padding-free" and not flash_attention(device):
+        return {"not_run": "DataCollatorWithFlattening needs flash_attention_2 or 3 on a GPU" +
+                ("; the flash-attn package is not installed here" if device.type == "cuda" else "")}
+    path = args.model_folder or model_path(args)
     texts, labels = sample_reviews(args)
     runner = {"this project": run_this_project, "original pipeline": run_original,
               "this project, compiled": lambda *a: run_this_project(*a, compiled=True),
@@ -271,64 +317,76 @@ def run_variant(args) -> dict:
               "HF Trainer, same settings": lambda *a: run_hf_trainer(*a, same_settings=True),
               "HF Trainer, padding-free": lambda *a: run_hf_trainer(*a, same_settings=True, padding_free=True),
               }[args.variant]
-    try:
-        timer, used, encoder = runner(args, texts, labels, path, device, precision)
-    except NotRun as reason:
-        return {"not_run": str(reason)}
+    timer, used, encoder = runner(args, texts, labels, path, device, precision)
+    result = timer.result()
+    lengths = result.pop("lengths")
     embedding = sum(p.numel() for n, p in encoder.named_parameters() if "embed" in n)
     config = encoder.config
-    return {**timer.result(), "precision": used, "peak_memory_mb": peak_memory_mb(device),
+    return {**result, "precision": used, "peak_memory_mb": peak_memory_mb(device),
             "params": sum(p.numel() for p in encoder.parameters()), "non_embedding_params":
-            sum(p.numel() for p in encoder.parameters()) - embedding, "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size}
+            sum(p.numel() for p in encoder.parameters()) - embedding, "hidden": config.hidden_size,
+            "attention_pairs": sum(attended_pairs(lengths, half) for half in layer_half_windows(config))}
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> float:
-    """FLOP/s of square matmuls in this precision on this machine: the ceiling model FLOP/s are measured against."""
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of square matmuls in this precision on this machine (median of 10 after 3 warmups; 8192^3 on a GPU,
+    which fills it): the ceiling model FLOP/s are measured against."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
+    times = []
+    for i in range(13):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeat / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / float(np.median(times))
 
 
 def model_flops(r: dict) -> float:
     """Training FLOPs of the timed steps, counted honestly: 6 x non-embedding parameters per real token (forward and
-    backward), plus attention scores and values, 12 x layers x hidden per squared review length (a review attends
-    only within itself; padding counts nothing)."""
-    return 6 * r["non_embedding_params"] * r["real_tokens"] + 12 * r["layers"] * r["hidden"] * r["squared_lengths"]
+    backward), plus attention scores and values, 12 x hidden per query-key pair a layer computes (a review attends
+    only within itself, a sliding-window layer only within its window; padding counts nothing)."""
+    return 6 * r["non_embedding_params"] * r["real_tokens"] + 12 * r["hidden"] * r["attention_pairs"]
 
 
 def report(args, results: dict, peaks: dict, device) -> str:
+    shape = "random ModernBERT-base shape, " if args.random_modernbert else "random weights, " if args.random_weights else ""
+    micro = f" in micro-batches of {args.micro_batch} (padded variants, HF Trainer)" if args.micro_batch else ""
     lines = [f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device "
              f"{device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}; torch {torch.__version__}",
-             f"model: {'random ModernBERT-base shape, ' if args.random_modernbert else ''}{args.model}; data: "
-             f"{args.data}; max_length {args.max_length}, batch {args.batch_size}, {args.steps} timed steps after "
-             f"{args.warmup} warmup",
+             f"model: {shape}{args.model}; data: {args.data}; max_length {args.max_length}, batch {args.batch_size}"
+             f"{micro}, {args.steps} timed optimizer steps after {args.warmup} warmup (3 when compiled)",
              "matmul peak here: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()), "",
              "| variant | precision | real tokens/s | samples/s | padding efficiency | model GFLOP/s | % of matmul peak "
-             "(MFU) | peak memory MB | first step s | this project is |", "|---|---|---|---|---|---|---|---|---|---|"]
-    ours = results.get("this project")
+             "(MFU) | peak memory MB | first step s | tokens/s vs HF Trainer, same settings |", "|---|---|---|---|---|---|---|---|---|---|"]
+    trainer = results.get("HF Trainer, same settings")
+    trainer = trainer if trainer and "seconds" in trainer else None
     for name, r in results.items():
-        if "not_run" in r:
-            lines.append(f"| {name} | not run here: {r['not_run']} |" + " |" * 8)
+        if "seconds" not in r:
+            lines.append(f"| {name} | {r.get('not_run') and 'not run here: ' + r['not_run'] or 'failed: ' + r['failed']} |"
+                         + " |" * 8)
             continue
         tokens_per_s = r["real_tokens"] / r["seconds"]
         flops = model_flops(r) / r["seconds"]
-        faster = f"{ours['real_tokens'] / ours['seconds'] / tokens_per_s:.2f}x" if ours and "not_run" not in ours else "-"
+        faster = f"{tokens_per_s / (trainer['real_tokens'] / trainer['seconds']):.2f}x" if trainer else "-"
         lines.append(f"| {name} | {r['precision']} | {tokens_per_s:,.0f} | {r['samples'] / r['seconds']:.2f} | "
                      f"{r['real_tokens'] / r['processed_tokens']:.3f} | {flops / 1e9:,.0f} | "
                      f"{100 * flops / peaks[r['precision']]:.1f}% | {r['peak_memory_mb']:,.0f} | "
                      f"{r['first_step_seconds']:.1f} | {faster} |")
+    eager, compiled = results.get("this project, packed", {}), results.get("this project, packed + compiled", {})
+    if "seconds" in eager and "seconds" in compiled:
+        saved = eager["seconds"] / eager["steps"] - compiled["seconds"] / compiled["steps"]
+        extra = compiled["first_step_seconds"] - eager["first_step_seconds"]
+        lines += ["", f"compiling: the first step takes {extra:.1f} s longer and each later step {1000 * saved:.1f} ms "
+                  + (f"shorter, so it pays back after {max(extra, 0) / saved:.0f} optimizer steps" if saved > 0
+                     else "longer, so it never pays back")]
     return "\n".join(lines)
 
 
@@ -338,19 +396,29 @@ def main(argv=None) -> None:
         Path(args.result).write_text(json.dumps(run_variant(args)))
         return
     results = {}
+    folder = model_path(args) if args.random_modernbert or args.random_weights else None  # one model for all variants
     for name in args.only:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--variant", name,
-                   "--result", out.name]
+                   "--result", out.name, *(["--model-folder", folder] if folder else [])]
             print(f"running: {name} ...", file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                           stdout=subprocess.DEVNULL)
-            results[name] = json.loads(Path(out.name).read_text())
+            done = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode:  # reported, and the other variants still run
+                sys.stderr.write(done.stderr[-4000:])
+                errors = [line for line in done.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception)\b", line)]
+                results[name] = {"failed": (errors or [f"exit code {done.returncode}"])[-1][:200]}
+            else:
+                results[name] = json.loads(Path(out.name).read_text())
     device, _ = device_and_precision(args)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {p: matmul_peak(device, dtypes[p]) for p in sorted({r["precision"] for r in results.values()
                                                                 if "precision" in r})}
     print(report(args, results, peaks, device))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "peaks": peaks, "results": results}, indent=1))
+    if any("failed" in r for r in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,19 @@ class TrainingState:
     best_epoch: Optional[int] = None
     best_value: Optional[float] = None
     best_sha256: Optional[str] = None  # of checkpoints/best.safetensors, verified before the test
-    unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log
+    unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log; device
+    # tensors until settle() reads them back
     lr: float = 0.0  # the learning rate of the last optimizer step
+
+    def settle(self) -> float:
+        """Reads the unlogged steps' losses and gradient norms back from the device in one transfer (the only place
+        the host waits for it) and returns their mean loss: not finite if any step's loss was not."""
+        if not self.unlogged:
+            return 0.0
+        tensors = [v for pair in self.unlogged for v in pair if torch.is_tensor(v)]
+        read = iter(torch.stack([t.detach().double() for t in tensors]).tolist() if tensors else [])
+        self.unlogged = [tuple(next(read) if torch.is_tensor(v) else float(v) for v in pair) for pair in self.unlogged]
+        return sum(loss for loss, _ in self.unlogged) / len(self.unlogged)
 
     def record_validation(self, epoch: int, value: float, lower_is_better: bool, weights_sha256: str) -> bool:
         """Closes the epoch; True when it is the best so far (its weights then become best.safetensors)."""
@@ -133,9 +144,9 @@ class Meter:
             self.state.batches_done += 1
             yield batch
 
-    def step_done(self, loss: float, grad_norm: float, lr: float) -> None:
-        """After each optimizer step, with the window's mean loss, the gradient norm before clipping and the
-        learning rate the step used."""
+    def step_done(self, loss, grad_norm, lr: float) -> None:
+        """After each optimizer step, with the window's mean loss and the gradient norm before clipping (numbers, or
+        device tensors left unread until TrainingState.settle) and the learning rate the step used."""
         state = self.state
         samples, tokens = self._windows[state.batches_done // self.sampler.accum_steps - 1]
         state.step += 1
@@ -151,6 +162,7 @@ class Meter:
         """The mean loss and gradient norm of the steps since the last record, and where training stands."""
         state = self.state
         samples, tokens, seconds = self._logged
+        state.settle()
         losses, grad_norms = zip(*state.unlogged)
         state.unlogged = []
         self._logged = (state.samples, state.tokens, state.train_seconds)

@@ -47,7 +47,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     from accelerate import Accelerator, PartialState
 
     from exp_1.data import make_loaders, prepare_data, review_starts
-    from exp_1.model import Weights, load_model, load_weights, save_pretrained_parts
+    from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
     from exp_1.train import Meter, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
@@ -61,7 +61,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     processes = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.train.peer_timeout))
     precision = pick_precision(cfg.train.precision, processes.device, launcher=launcher_precision())
     accum_steps = grad_accum_steps(cfg.train, processes.num_processes)
-    packed = use_packing(cfg.train.packing, cfg.model, processes.device)
+    packed = use_packing(cfg.train.packing, cfg.model, processes.device, precision)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only, on every process: what could not be started stops here
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[precision],
@@ -72,7 +72,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     if cfg.train.compile:
-        model.compile()  # in place, so checkpoints keep the plain model's keys
+        compile_model(model, packed)
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
         splits = prepare_data(cfg, tokenizer, model.input_names)
     # The train loader is not prepared: Accelerate's sharding would top up uneven last batches with repeated

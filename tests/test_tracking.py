@@ -62,7 +62,7 @@ def offline_run(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("tracking")
     config = tiny_config(root, tiny_bert, write_reviews(root / "reviews"), tracking={"wandb_mode": "offline"},
                          train={"batch_size": 4, "grad_accum_steps": 2}, seed=3)
-    exp2.main(["--config", str(config), "tracking.group=sweep-a", "tracking.tags=[mine]"])
+    exp2.main(["--config", str(config), "tracking.group=sweep-a", "tracking.tags=[mine]", "tracking.log_model=best"])
     (records,) = wandb_records(root / "runs" / "tiny")
     return root / "runs" / "tiny", records
 
@@ -123,6 +123,14 @@ def test_the_summary_has_each_test_metric_once_and_the_end_tables(offline_run):
     logged = {key for row in history_rows(records) for key in row}
     assert any(key.startswith("test/confusion_matrix") for key in logged)
     assert any(key.startswith("test/most_confident_mistakes") for key in logged)
+
+
+def test_log_model_best_uploads_the_best_checkpoint_as_an_artifact(offline_run):
+    run, records = offline_run
+    models = [a for a in of_type(records, "artifact") if a.type == "model"]
+    assert len(models) == 1 and models[0].name.startswith("model-")
+    files = {entry.path for entry in models[0].manifest.contents}
+    assert "best.safetensors" in files and "model/config.json" in files and "model/tokenizer.json" in files
 
 
 def test_a_killed_and_resumed_run_is_one_wandb_run_with_every_step_once(tmp_path, tiny_bert, reviews_dir, fork_server):
