@@ -182,13 +182,10 @@ def load_weights(model: nn.Module, path: Path, sha256: str | None = None) -> Non
 
 
 def compile_model(model: SentimentClassifier, packed: bool) -> None:
-    """torch.compile in place, one encoder layer at a time: checkpoints keep the plain model's keys, and identical
-    layers share one compiled graph, so compiling costs a layer or two, not the whole stack (a whole 6-layer model
-    took 93 s on an H200). Packed rows change length and review count every step: compiled for any shape (dynamic
-    shapes) rather than again for each new one."""
-    layers = max((m for m in model.encoder.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-    for part in layers or [model]:
-        part.compile(dynamic=True if packed else None)
+    """torch.compile in place, so checkpoints keep the plain model's keys. Packed rows change length and review count
+    every step: compiled once for any shape (dynamic shapes) rather than again for each new one. (Compiling layer by
+    layer instead took 55 s against 21 s for a small ModernBERT on the 2-core CPU.)"""
+    model.compile(dynamic=True if packed else None)
 
 
 def save_pretrained_parts(model: SentimentClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
