@@ -64,9 +64,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # per device, per forward pass (micro-batch)
+    batch_size: int = 16  # reviews per forward pass (micro-batch) per device; with micro_batch_tokens, the step's batch_size x grad_accum_steps reviews are cut by tokens instead
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     effective_batch_size: Optional[int] = None  # if set: grad_accum_steps = this / (batch_size * processes)
+    micro_batch_tokens: Optional[str] = None  # a number or auto: cut each step's reviews into forward passes of at most that many tokens (auto: as many as fit; out-of-memory splits further); null: batch_size reviews per pass
     epochs: int = 3  # passes over the training split
     optimizer: str = "adamw"  # adamw | adam
     lr: float = 2e-5  # peak learning rate, reached after warmup
@@ -213,6 +214,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("seed", "data.split_seed"):
         if not 0 <= OmegaConf.select(cfg, key) <= MAX_SEED:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be between 0 and {MAX_SEED}")
+    tokens = cfg.train.micro_batch_tokens
+    if tokens is not None and tokens != "auto" and not (str(tokens).isdigit() and 1 <= int(tokens) <= MAX_SIZE):
+        raise UserError(f"train.micro_batch_tokens={tokens} must be a positive number of tokens, auto, or null")
     if cfg.data.num_workers < 0:
         raise UserError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in the training process) or more")
     for key in FRACTIONS:
@@ -276,6 +280,13 @@ def grad_accum_steps(train: TrainConfig, num_processes: int = 1) -> int:
             f"train.effective_batch_size={train.effective_batch_size} is not a multiple of train.batch_size="
             f"{train.batch_size} x {num_processes} process(es) = {per_step}; change one of them")
     return train.effective_batch_size // per_step
+
+
+def window_layout(train: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
+    """(reviews per loader batch, loader batches per optimizer step) on each process. With micro_batch_tokens each
+    loader batch is the process's whole share of the step, and training cuts it into forward passes by tokens."""
+    accum = grad_accum_steps(train, num_processes)
+    return (train.batch_size, accum) if train.micro_batch_tokens is None else (train.batch_size * accum, 1)
 
 
 def scaled_lr(train: TrainConfig, effective_batch: int) -> float:

@@ -16,7 +16,7 @@ import time
 from omegaconf import DictConfig
 
 from exp_1.cli import Preemption, parse_and_load, run_cli
-from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, scaled_lr
+from exp_1.config import CONFIG_DIR, UserError, grad_accum_steps, scaled_lr, window_layout
 
 DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
@@ -27,7 +27,8 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
-    from exp_1.train import (Meter, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate)
+    from exp_1.train import (Meter, MicroBatches, Stepper, TrainingState, build_optimizer, build_scheduler,
+                             diverged, evaluate)
     from exp_1.utils import pick_device, pick_precision, seed_everything, use_packing
 
     started = time.time()
@@ -46,13 +47,14 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     if cfg.train.compile:
         compile_model(model, packed)
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps=1, device=device, packed=packed)
+    loaders = make_loaders(splits, tokenizer, cfg, window_layout(cfg.train), device=device, packed=packed)
 
     # optimizer and schedule, sized in optimizer steps
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
     optimizer = build_optimizer(model, cfg.train, lr, device)
     scheduler = build_scheduler(optimizer, cfg.train, len(loaders.sampler) * cfg.train.epochs)
-    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm)
+    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm,
+                      MicroBatches(cfg.train.micro_batch_tokens))
 
     # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
     run.create(cfg, resume, overwrite)

@@ -48,6 +48,21 @@ def pack(features: list[dict], budget: int | None = None) -> dict:
     return batch
 
 
+def select(batch: dict, first: int, stop: int) -> dict:
+    """Reviews first..stop-1 of a packed batch (without tail padding), as a packed batch of their own."""
+    cu = batch["cu_seqlens"]
+    start, end = int(cu[first]), int(cu[stop])
+    part = {**batch, "cu_seqlens": cu[first:stop + 1] - start, "num_tokens": end - start}
+    part["max_seqlen"] = int(part["cu_seqlens"].diff().max())
+    for name in ("input_ids", "position_ids", "token_type_ids"):
+        if name in batch:
+            part[name] = batch[name][:, start:end]
+    for name in ("labels", "loss_weight"):
+        if name in batch:
+            part[name] = batch[name][first:stop]
+    return part
+
+
 def packed_logits(classifier, batch: dict) -> torch.Tensor:
     """Logits (n reviews, labels) of a packed batch, pooled per review like SentimentClassifier.forward pools rows."""
     input_ids = batch["input_ids"]

@@ -237,9 +237,12 @@ def resolve_wandb_mode(mode: str) -> str:
 def describe(cfg: DictConfig, facts: dict, steps_per_epoch: int) -> str:
     """The line a run prints before training: what trains on what, and how the effective batch is made."""
     sizes = facts["split_sizes"]
+    batch, tokens = facts["effective_batch_size"], cfg.train.micro_batch_tokens
+    made = (f"{batch // facts['num_processes']} x {facts['num_processes']} process(es), in forward passes of "
+            + ("as many tokens as fit" if tokens == "auto" else f"at most {tokens} tokens") if tokens else
+            f"{cfg.train.batch_size} x {facts['accum_steps']} accumulation x {facts['num_processes']} process(es)")
     return (f"{cfg.model.name} on {facts['device']} ({facts['precision']}): {sizes['train']} train / "
-            f"{sizes['validation']} val / {sizes['test']} test reviews; effective batch {facts['effective_batch_size']} "
-            f"= {cfg.train.batch_size} x {facts['accum_steps']} accumulation x {facts['num_processes']} process(es); "
+            f"{sizes['validation']} val / {sizes['test']} test reviews; effective batch {batch} = {made}; "
             f"lr {facts['lr']:.3g}; {steps_per_epoch} optimizer steps/epoch")
 
 

@@ -12,7 +12,7 @@ import time
 from omegaconf import DictConfig
 
 from exp_1.cli import Preemption, parse_and_load, run_cli
-from exp_1.config import CONFIG_DIR, grad_accum_steps, scaled_lr
+from exp_1.config import CONFIG_DIR, scaled_lr, window_layout
 
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 
@@ -23,11 +23,11 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
-    from exp_1.train import Meter, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
+    from exp_1.train import Meter, MicroBatches, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
     from exp_1.utils import pick_device, pick_precision, seed_everything, use_packing
 
     started = time.time()
-    accum_steps = grad_accum_steps(cfg.train)
+    micro_batch, accum_steps = window_layout(cfg.train)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only: what could not be started, replaced or continued stops here
     seed_everything(cfg.seed)
@@ -38,20 +38,22 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     packed = use_packing(cfg.train.packing, cfg.model, device, precision)
 
     # model and data, checked before the run directory is touched; the sampler cuts every optimizer-step window
-    # into exactly `accum_steps` micro-batches
+    # into exactly `accum_steps` micro-batches (one whole window with train.micro_batch_tokens, which the stepper
+    # cuts by tokens)
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
     if cfg.train.compile:
         compile_model(model, packed)
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, device=device, packed=packed)
+    loaders = make_loaders(splits, tokenizer, cfg, (micro_batch, accum_steps), device=device, packed=packed)
 
     # optimizer and schedule, sized in optimizer steps
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
     optimizer = build_optimizer(model, cfg.train, lr, device)
     steps_per_epoch = len(loaders.sampler) // accum_steps
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
-    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm)
+    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm,
+                      MicroBatches(cfg.train.micro_batch_tokens))
 
     # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
     run.create(cfg, resume, overwrite)

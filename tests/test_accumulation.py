@@ -21,7 +21,8 @@ from exp_1 import main as exp1
 from exp_1.config import UserError, load_config
 from exp_1.data import WindowBatchSampler, make_train_loader, prepare_data
 from exp_1.model import load_model
-from exp_1.train import Stepper
+from exp_1.packing import PACKED
+from exp_1.train import MicroBatches, Stepper
 from exp_2 import main as exp2
 from exp_2.main_accelerate import backward_micro_batch
 
@@ -78,7 +79,7 @@ def _accelerate_grads(model, batches, accum):
     model = accelerator.prepare(copy.deepcopy(model))
     for batch in batches:
         with accelerator.accumulate(model):
-            backward_micro_batch(accelerator, model, batch)
+            backward_micro_batch(accelerator, model, batch, MicroBatches(), None)
     assert accelerator.sync_gradients  # the window's last micro-batch is where the optimizer would step
     grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
     AcceleratorState._reset_state(True)
@@ -125,6 +126,68 @@ def test_the_check_catches_the_mean_per_micro_batch_bug(setup):
         micro = {k: v[part] for k, v in big.items()}
         naive.append({**micro, "loss_weight": torch.full_like(micro["loss_weight"], 1 / len(micro["labels"]) / 3)})
     assert _max_relative_difference(_plain_grads(model, naive), reference) > 0.1
+
+
+class OutOfMemory:
+    """Makes a model's forward pass raise CUDA's out-of-memory error: on passes of more than `above` tokens, or once,
+    on the `once_at`-th pass (after earlier passes of the step have added to the gradients)."""
+
+    def __init__(self, model, above=None, once_at=None):
+        self.above, self.once_at, self.tokens = above, once_at, []
+        self.forward = model.forward
+        model.forward = self
+
+    def __call__(self, input_ids, *args, **kwargs):
+        self.tokens.append(input_ids.numel())
+        if (self.above and input_ids.numel() > self.above) or len(self.tokens) == self.once_at:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.forward(input_ids, *args, **kwargs)
+
+
+def _window_grads(model, batch, micro_batches, path, above=None, once_at=None):
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    oom = OutOfMemory(model, above, once_at)
+    if path == "plain":
+        Stepper(model, optimizer, None, torch.device("cpu"), "fp32", None, micro_batches).forward_backward(batch)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    else:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        with accelerator.accumulate(prepared):
+            backward_micro_batch(accelerator, prepared, batch, micro_batches, optimizer)
+        grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(prepared).named_parameters()}
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return grads, oom.tokens
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("path", ["plain", "accelerate"])
+def test_micro_batch_tokens_and_out_of_memory_splits_keep_the_window_gradient(setup, path, layout):
+    """train.micro_batch_tokens cuts a window into forward passes by tokens; an out-of-memory error cuts further and
+    redoes the step from zero gradients. The window's gradient stays that of one pass over it."""
+    cfg, tokenizer, model, splits = setup
+    if layout == "packed":
+        packed = load_model(cfg.model, packed=True)[1]
+        packed.load_state_dict(model.state_dict())
+        model = packed
+    sampler = WindowBatchSampler(splits.train["length"], 24, 1, seed=5)
+    window = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg, packed=layout == "packed")))
+    tokens = window["input_ids"].numel()
+    reference, passes = _window_grads(model, window, MicroBatches(), path)
+    assert passes == [tokens]
+    fixed, passes = _window_grads(model, window, MicroBatches(str(tokens // 4)), path)
+    assert len(passes) >= 4 and max(passes) <= tokens // 4 + 64  # a pass may exceed the budget by one review
+    assert _max_relative_difference(fixed, reference) < 1e-5
+    auto, passes = _window_grads(model, window, MicroBatches("auto"), path, above=tokens // 3)
+    assert passes[0] == tokens and max(passes[-4:]) <= tokens // 3  # whole window first, then what fits
+    assert _max_relative_difference(auto, reference) < 1e-5
+    redone, passes = _window_grads(model, window, MicroBatches(str(tokens // 3)), path, once_at=2)
+    assert len(passes) > 4  # passes 1 and 2, then the whole window again in smaller passes
+    assert _max_relative_difference(redone, reference) < 1e-5
 
 
 def _accelerate(args, num_processes=1, timeout=600):
@@ -213,3 +276,49 @@ def test_lr_scaling_relative_to_the_reference_batch(tmp_path, tiny_bert, odd_rev
     metrics = exp2.main(["--config", str(config), "train.batch_size=8", "train.grad_accum_steps=4",
                          "train.lr_reference_batch=8", f"train.lr_scaling={scaling}"])
     assert metrics["lr"] == pytest.approx(1e-3 * factor)
+
+
+def test_micro_batch_tokens_change_speed_not_results(tmp_path, tiny_bert, odd_reviews_dir, monkeypatch):
+    """The same run with micro-batches of 4 reviews, forward passes of at most 200 tokens, and the whole window in
+    one pass with out-of-memory errors above 300 tokens forcing splits: the same metrics and weights (dropout 0)."""
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir, train={"epochs": 1})
+    runs = tmp_path / "runs"
+    exp2.main(["--config", str(config), "name=micro4", "train.batch_size=4", "train.grad_accum_steps=3"])
+    exp2.main(["--config", str(config), "name=tokens200", "train.batch_size=4", "train.grad_accum_steps=3",
+               "train.micro_batch_tokens=200"])
+    from exp_1.model import SentimentClassifier
+
+    forward = SentimentClassifier.forward
+    sizes = []
+
+    def runs_out_of_memory(self, input_ids, *args, **kwargs):
+        if self.training:
+            sizes.append(input_ids.numel())
+            if input_ids.numel() > 300:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(SentimentClassifier, "forward", runs_out_of_memory)
+    exp2.main(["--config", str(config), "name=auto_oom", "train.batch_size=12", "train.micro_batch_tokens=auto"])
+    assert max(sizes) > 300 and sizes.count(max(sizes)) == 1  # one failed whole window, then passes that fit
+    _assert_same_run(runs / "micro4", runs / "tokens200")
+    _assert_same_run(runs / "micro4", runs / "auto_oom")
+
+
+def test_two_processes_with_uneven_token_passes_equal_one_process(setup, tmp_path, tiny_bert, odd_reviews_dir):
+    """Under 2 processes each cuts its share of a window into forward passes by tokens, with a budget at which the
+    process holding the longer reviews runs more passes in some windows; each still syncs gradients once per window."""
+    cfg, tokenizer, _, splits = setup  # the same data, split and seed as the runs below
+
+    def passes(budget, index):
+        sampler = WindowBatchSampler(splits.train["length"], 6, 1, cfg.seed, num_processes=2, process_index=index)
+        sampler.set_epoch(1)
+        return [len(MicroBatches(str(budget)).cut(b)) for b in make_train_loader(splits.train, sampler, tokenizer, cfg)]
+
+    budget = next(b for b in range(20, 400, 10) if passes(b, 0) != passes(b, 1))
+    config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir, train={"epochs": 1})
+    runs = tmp_path / "runs"
+    exp2.main(["--config", str(config), "name=one", "train.batch_size=12"])
+    _accelerate(["--config", str(config), "name=two", "train.batch_size=6", f"train.micro_batch_tokens={budget}"],
+                num_processes=2)
+    _assert_same_run(runs / "one", runs / "two")

@@ -48,6 +48,21 @@ def pack(features: list[dict], budget: int | None = None) -> dict:
     return batch
 
 
+def select(batch: dict, first: int, stop: int) -> dict:
+    """Reviews first..stop-1 of a packed batch (without tail padding), as a packed batch of their own."""
+    cu = batch["cu_seqlens"]
+    start, end = int(cu[first]), int(cu[stop])
+    part = {**batch, "cu_seqlens": cu[first:stop + 1] - start, "num_tokens": end - start}
+    part["max_seqlen"] = int(part["cu_seqlens"].diff().max())
+    for name in ("input_ids", "position_ids", "token_type_ids"):
+        if name in batch:
+            part[name] = batch[name][:, start:end]
+    for name in ("labels", "loss_weight"):
+        if name in batch:
+            part[name] = batch[name][first:stop]
+    return part
+
+
 def packed_logits(classifier, batch: dict) -> torch.Tensor:
     """Logits (n reviews, labels) of a packed batch, pooled per review like SentimentClassifier.forward pools rows."""
     input_ids = batch["input_ids"]
@@ -67,10 +82,19 @@ def packed_logits(classifier, batch: dict) -> torch.Tensor:
     if classifier.pooling == "cls":
         pooled = hidden[starts[:-1]]
     else:  # segment mean; padding tokens fall in segment n and are dropped
-        segment = torch.searchsorted(starts[1:], torch.arange(total, device=hidden.device), right=True)
+        segment = segment_ids(batch["cu_seqlens"], total)
         sums = hidden.new_zeros(n + 1, hidden.shape[-1]).index_add_(0, segment, hidden)[:n]
         pooled = sums / (starts[1:] - starts[:-1]).unsqueeze(-1).to(hidden.dtype)
     return classifier.head(classifier.dropout(pooled))
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each of `total` tokens' review number (tokens past the last boundary: the number of reviews). Counted by a
+    cumulative sum of boundary marks, which torch.compile handles for any length (its searchsorted lowering fails on
+    a sliced boundary tensor)."""
+    marks = torch.zeros(total + 1, dtype=torch.int64, device=cu_seqlens.device)
+    marks.index_add_(0, cu_seqlens[1:].long(), torch.ones_like(cu_seqlens[1:], dtype=torch.int64))
+    return marks.cumsum(0)[:total]
 
 
 def enable_packed_attention(encoder) -> None:
@@ -111,7 +135,7 @@ def _reference_attention(q, k, v, cu_seqlens, scaling, dropout, half_window):
     """SDPA over all tokens (tokens, heads, head_dim) with a block-diagonal mask: same sequence, and within
     `half_window` positions (both sides, inclusive) when not -1, like ModernBERT's padded sliding-window mask."""
     positions = torch.arange(q.shape[0], device=q.device)
-    segment = torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
+    segment = segment_ids(cu_seqlens, q.shape[0])
     allowed = segment[:, None] == segment[None, :]
     if half_window >= 0:
         allowed &= (positions[:, None] - positions[None, :]).abs() <= half_window

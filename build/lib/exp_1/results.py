@@ -314,8 +314,14 @@ def _figure(title: str, xlabel: str, ylabel: str, size=(8, 4.8)):
 
 
 def _png(figure: Figure) -> bytes:
+    """The figure as PNG bytes, with a legend of whatever it shows (or a note that it shows nothing)."""
     import io
 
+    for axes in figure.axes:
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+        elif not axes.images:
+            axes.text(0.5, 0.5, "nothing logged to plot", transform=axes.transAxes, ha="center", color="grey")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -369,7 +375,6 @@ def curve_plot(rows: list[Row], key: str, title: str, ylabel: str, percent: bool
         epochs = sorted({int(e) for row in rows for run in row.runs for e in _series(run, key, "epoch")[0]}) or [1]
         axes.set_xticks(epochs)
         axes.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
-    axes.legend(fontsize="small")
     return _png(figure)
 
 
@@ -405,7 +410,6 @@ def batch_plot(rows: list[Row]) -> bytes:
     axes.set_xscale("log", base=2)
     batches = sorted({r.first.metrics["effective_batch_size"] for r in rows})
     axes.set_xticks(batches, [str(b) for b in batches])
-    axes.legend(fontsize="small")
     return _png(figure)
 
 
@@ -443,7 +447,6 @@ def length_plot(rows: list[Row], cells: dict[str, list[dict]], edges: list[int])
                 axes.plot(*zip(*points), style, marker="o", color=colormaps["tab10"](i % 10),
                           label=row.label + (" (cut)" if truncated else ""))
     axes.set_xticks(range(len(bins)), bins)
-    axes.legend(fontsize="small")
     return _png(figure)
 
 
@@ -455,7 +458,6 @@ def calibration_plot(rows: list[Row], reliability: dict[str, tuple]) -> bytes:
         ece, bins = reliability[row.label]
         axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
                   color=colormaps["tab10"](i % 10), label=f"{row.label} (ECE {ece:.3f})")
-    axes.legend(fontsize="small")
     return _png(figure)
 
 

@@ -393,7 +393,7 @@ class ResumePoints:
                 trainer = json.loads((folder / "trainer.json").read_text())
                 files = json.loads((folder / "manifest.json").read_text())["files"]
                 if problems and self.is_main:
-                    print(f"resume point {problems[-1]}; using the previous one, {folder.name}")
+                    print(f"resume point {'; '.join(problems)}; using the previous one, {folder.name}")
                 return folder, trainer, files
             problems.append(f"{folder.name} is unusable ({problem})")
         raise UserError(f"--resume: no usable resume point in {self.run.resume_dir} ({'; '.join(problems)}); start "
@@ -405,8 +405,8 @@ class ResumePoints:
             files = json.loads((folder / "manifest.json").read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError):
             return "manifest.json is missing or damaged"
-        needed = {"model.safetensors", "optimizer.safetensors", "trainer.json", "history.jsonl",
-                  *(f"rng_{rank}.safetensors" for rank in range(self.layout["processes"]))}
+        # every process's RNG file is listed when a point is saved; a layout with other processes is refused by load
+        needed = {"model.safetensors", "optimizer.safetensors", "trainer.json", "history.jsonl", "rng_0.safetensors"}
         if needed - set(files):
             return f"it lacks {', '.join(sorted(needed - set(files)))}"
         for name, digest in files.items():

@@ -55,10 +55,12 @@ def run_facts(script: str, accum_steps: int, effective_batch: int, processes: in
 
 def git_commit() -> Optional[str]:
     """The project's commit (with -dirty when files changed), or None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+
     try:
-        run = lambda *args: subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                           timeout=5, check=True).stdout.strip()
-        return run("rev-parse", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -235,9 +237,12 @@ def resolve_wandb_mode(mode: str) -> str:
 def describe(cfg: DictConfig, facts: dict, steps_per_epoch: int) -> str:
     """The line a run prints before training: what trains on what, and how the effective batch is made."""
     sizes = facts["split_sizes"]
+    batch, tokens = facts["effective_batch_size"], cfg.train.micro_batch_tokens
+    made = (f"{batch // facts['num_processes']} x {facts['num_processes']} process(es), in forward passes of "
+            + ("as many tokens as fit" if tokens == "auto" else f"at most {tokens} tokens") if tokens else
+            f"{cfg.train.batch_size} x {facts['accum_steps']} accumulation x {facts['num_processes']} process(es)")
     return (f"{cfg.model.name} on {facts['device']} ({facts['precision']}): {sizes['train']} train / "
-            f"{sizes['validation']} val / {sizes['test']} test reviews; effective batch {facts['effective_batch_size']} "
-            f"= {cfg.train.batch_size} x {facts['accum_steps']} accumulation x {facts['num_processes']} process(es); "
+            f"{sizes['validation']} val / {sizes['test']} test reviews; effective batch {batch} = {made}; "
             f"lr {facts['lr']:.3g}; {steps_per_epoch} optimizer steps/epoch")
 
 

@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from exp_1.config import RunStopped
 from exp_1.model import model_inputs, weighted_loss
+from exp_1.packing import select
 from exp_1.utils import autocast, to_device
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -41,6 +42,70 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_s
                          num_training_steps=total_steps)
 
 
+class MicroBatches:
+    """train.micro_batch_tokens: cuts a batch (all of an optimizer step's reviews on this process) into forward
+    passes of at most `budget` tokens, consecutive reviews together (a padded row counts its padded width); `auto`
+    starts from the whole batch. After a CUDA out-of-memory error the budget halves for the rest of the run and the
+    step is redone, so a too large batch costs time, never the run. The per-review loss weights make the result that
+    of the whole batch however it is cut."""
+
+    def __init__(self, setting: str | None = None):
+        self.active = setting is not None
+        self.budget = None if setting in (None, "auto") else int(setting)
+
+    def cut(self, batch: dict) -> list[dict]:
+        if self.budget is None:
+            return [batch]
+        packed = "cu_seqlens" in batch
+        rows = len(batch["labels"])
+        lengths = batch["cu_seqlens"].diff().tolist() if packed else [batch["input_ids"].shape[1]] * rows
+        bounds, used = [0], 0
+        for i, n in enumerate(lengths):
+            if i > bounds[-1] and used + n > self.budget:
+                bounds.append(i)
+                used = 0
+            used += n
+        bounds.append(rows)
+        if len(bounds) == 2:
+            return [batch]
+        if packed:
+            return [select(batch, a, b) for a, b in zip(bounds, bounds[1:])]
+        return [{k: v[a:b] if torch.is_tensor(v) and v.dim() and len(v) == rows else v for k, v in batch.items()}
+                for a, b in zip(bounds, bounds[1:])]
+
+    def shrink(self, failed: dict) -> None:
+        """After an out-of-memory error on the forward pass `failed`."""
+        reviews = len(failed["labels"])
+        tokens = failed["num_tokens"] if "cu_seqlens" in failed else failed["input_ids"].numel()
+        if reviews == 1:
+            raise RunStopped(f"out of GPU memory on a single review of {tokens} tokens: lower data.max_length, or "
+                             "train on a GPU with more memory (--resume continues from the last resume point)")
+        self.budget = max(tokens // 2, 1)
+        print(f"out of GPU memory on a forward pass of {reviews} reviews, {tokens} tokens: forward passes of at most "
+              f"{self.budget} tokens from here on; redoing the step", flush=True)
+
+
+def run_in_passes(batch: dict, micro_batches: MicroBatches, one_pass, start_over):
+    """Sum of `one_pass(part, last)` over the forward passes `micro_batches` cuts `batch` into. After a CUDA
+    out-of-memory error: `start_over()` (clear the step's gradients), a smaller budget, and the batch again."""
+    if not micro_batches.active:
+        return one_pass(batch, True)
+    while True:
+        parts = micro_batches.cut(batch)
+        try:
+            total = 0.0
+            for i, part in enumerate(parts):
+                total = total + one_pass(part, i == len(parts) - 1)
+            return total
+        except torch.OutOfMemoryError:
+            failed = part
+        total = parts = None  # the failed pass's activations go with the exception, before retrying
+        start_over()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        micro_batches.shrink(failed)
+
+
 @dataclass
 class Stepper:
     """Backward for one micro-batch, optimizer step for one window: the plain-PyTorch mechanics."""
@@ -51,13 +116,19 @@ class Stepper:
     device: torch.device
     precision: str
     max_grad_norm: float | None
+    micro_batches: MicroBatches = field(default_factory=MicroBatches)
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
-        """Adds this micro-batch's share of its window's mean loss to the gradients; returns that share."""
+        """Adds this batch's share of its window's mean loss to the gradients (in forward passes of at most
+        train.micro_batch_tokens tokens when that is set); returns that share."""
+        return run_in_passes(batch, self.micro_batches, lambda part, _: self._forward_backward(part),
+                             lambda: self.optimizer.zero_grad(set_to_none=True))
+
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
         batch = to_device(batch, self.device)
         with autocast(self.device, self.precision):
             logits = self.model(**model_inputs(batch))
@@ -94,8 +165,19 @@ class TrainingState:
     best_epoch: Optional[int] = None
     best_value: Optional[float] = None
     best_sha256: Optional[str] = None  # of checkpoints/best.safetensors, verified before the test
-    unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log
+    unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log; device
+    # tensors until settle() reads them back
     lr: float = 0.0  # the learning rate of the last optimizer step
+
+    def settle(self) -> float:
+        """Reads the unlogged steps' losses and gradient norms back from the device in one transfer (the only place
+        the host waits for it) and returns their mean loss: not finite if any step's loss was not."""
+        if not self.unlogged:
+            return 0.0
+        tensors = [v for pair in self.unlogged for v in pair if torch.is_tensor(v)]
+        read = iter(torch.stack([t.detach().double() for t in tensors]).tolist() if tensors else [])
+        self.unlogged = [tuple(next(read) if torch.is_tensor(v) else float(v) for v in pair) for pair in self.unlogged]
+        return sum(loss for loss, _ in self.unlogged) / len(self.unlogged)
 
     def record_validation(self, epoch: int, value: float, lower_is_better: bool, weights_sha256: str) -> bool:
         """Closes the epoch; True when it is the best so far (its weights then become best.safetensors)."""
@@ -133,9 +215,9 @@ class Meter:
             self.state.batches_done += 1
             yield batch
 
-    def step_done(self, loss: float, grad_norm: float, lr: float) -> None:
-        """After each optimizer step, with the window's mean loss, the gradient norm before clipping and the
-        learning rate the step used."""
+    def step_done(self, loss, grad_norm, lr: float) -> None:
+        """After each optimizer step, with the window's mean loss and the gradient norm before clipping (numbers, or
+        device tensors left unread until TrainingState.settle) and the learning rate the step used."""
         state = self.state
         samples, tokens = self._windows[state.batches_done // self.sampler.accum_steps - 1]
         state.step += 1
@@ -151,6 +233,7 @@ class Meter:
         """The mean loss and gradient norm of the steps since the last record, and where training stands."""
         state = self.state
         samples, tokens, seconds = self._logged
+        state.settle()
         losses, grad_norms = zip(*state.unlogged)
         state.unlogged = []
         self._logged = (state.samples, state.tokens, state.train_seconds)

@@ -187,11 +187,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def use_packing(setting: str, model_cfg, device: torch.device) -> bool:
-    """train.packing: true packs (on a CPU through a reference attention that is exact but not faster); false
-    pads; auto pads until the flash varlen path has been measured on a GPU (README: Performance)."""
+def use_packing(setting: str, model_cfg, device: torch.device, precision: str) -> bool:
+    """train.packing: true packs (on a CPU through a reference attention that is exact but not faster); false pads;
+    auto packs where the flash varlen kernel runs and was measured faster (README: Performance): on CUDA in bf16 or
+    fp16, with model.attention_dropout set to 0 (the kernel has none) and no model.attn_implementation chosen."""
     setting = setting.lower()
     if setting == "true" and device.type == "cuda" and (model_cfg.attention_dropout or 0) > 0:
         raise UserError("train.packing=true on a GPU needs model.attention_dropout=0: the flash varlen kernel has no "
                         "attention dropout")
+    if setting == "auto":
+        return (device.type == "cuda" and precision in ("bf16", "fp16") and model_cfg.attention_dropout == 0
+                and not model_cfg.attn_implementation)
     return setting == "true"

@@ -12,7 +12,7 @@ import time
 from omegaconf import DictConfig
 
 from exp_1.cli import Preemption, parse_and_load, run_cli
-from exp_1.config import CONFIG_DIR, grad_accum_steps, scaled_lr
+from exp_1.config import CONFIG_DIR, scaled_lr, window_layout
 
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 
@@ -20,14 +20,14 @@ DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
     # Imported here, not at the top: --help, --print-config and config errors answer before torch loads (~3 s).
     from exp_1.data import make_loaders, prepare_data, review_starts
-    from exp_1.model import Weights, load_model, load_weights, save_pretrained_parts
+    from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
-    from exp_1.train import Meter, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
+    from exp_1.train import Meter, MicroBatches, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
     from exp_1.utils import pick_device, pick_precision, seed_everything, use_packing
 
     started = time.time()
-    accum_steps = grad_accum_steps(cfg.train)
+    micro_batch, accum_steps = window_layout(cfg.train)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only: what could not be started, replaced or continued stops here
     seed_everything(cfg.seed)
@@ -35,23 +35,25 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # device
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
-    packed = use_packing(cfg.train.packing, cfg.model, device)
+    packed = use_packing(cfg.train.packing, cfg.model, device, precision)
 
     # model and data, checked before the run directory is touched; the sampler cuts every optimizer-step window
-    # into exactly `accum_steps` micro-batches
+    # into exactly `accum_steps` micro-batches (one whole window with train.micro_batch_tokens, which the stepper
+    # cuts by tokens)
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
     if cfg.train.compile:
-        model.compile()  # in place, so checkpoints keep the plain model's keys
+        compile_model(model, packed)
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, device=device, packed=packed)
+    loaders = make_loaders(splits, tokenizer, cfg, (micro_batch, accum_steps), device=device, packed=packed)
 
     # optimizer and schedule, sized in optimizer steps
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
     optimizer = build_optimizer(model, cfg.train, lr, device)
     steps_per_epoch = len(loaders.sampler) // accum_steps
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
-    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm)
+    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm,
+                      MicroBatches(cfg.train.micro_batch_tokens))
 
     # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
     run.create(cfg, resume, overwrite)
@@ -81,19 +83,23 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
             if state.batches_done % accum_steps:
                 continue
             step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
-            grad_norm = stepper.optimizer_step().item()
-            loss, window_loss = float(window_loss), 0.0
-            meter.step_done(loss, grad_norm, step_lr)
-            if not math.isfinite(loss):
-                raise diverged(loss, state)
-            if state.step % cfg.train.log_every == 0:
+            grad_norm = stepper.optimizer_step()
+            meter.step_done(window_loss, grad_norm, step_lr)  # device tensors: the host waits only to log or save
+            window_loss = 0.0
+            log = state.step % cfg.train.log_every == 0
+            save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or Preemption.requested
+            if (log or save) and not math.isfinite(loss := state.settle()):
+                raise diverged(loss, state)  # before a resume point could keep the diverged weights
+            if log:
                 tracker.log(meter.train_record(), step=state.step)
-            if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or Preemption.requested:
+            if save:
                 points.save(Weights.of(model), optimizer, scheduler, stepper.scaler, state)
                 meter.pause()
             if Preemption.requested:
                 raise Preemption.stop(state.step)
         if state.unlogged:  # the epoch's last steps, when log_every does not divide them
+            if not math.isfinite(loss := state.settle()):
+                raise diverged(loss, state)
             tracker.log(meter.train_record(), step=state.step)
 
         # validate, then checkpoint: the epoch's resume point first, then last/best from the same bytes, so a kill

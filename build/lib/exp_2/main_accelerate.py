@@ -12,6 +12,7 @@ is used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -20,25 +21,38 @@ from datetime import timedelta
 from omegaconf import DictConfig
 
 from exp_1.cli import Preemption, die_with_parent, parse_and_load, run_cli
-from exp_1.config import CONFIG_DIR, RunStopped, grad_accum_steps, scaled_lr
+from exp_1.config import CONFIG_DIR, RunStopped, scaled_lr, window_layout
 
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def backward_micro_batch(accelerator, model, batch: dict):
+def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimizer):
     """Adds this micro-batch's share of its window's mean loss (over all processes) to the gradients.
 
     The sampler's weights (1 / samples in the global window) already make the shares add up to the window mean.
     Accelerate divides every loss by gradient_accumulation_steps and DDP averages over processes; multiplying by
-    both undoes that, so the smaller last window of an epoch is not under-scaled."""
+    both undoes that, so the smaller last window of an epoch is not under-scaled. With train.micro_batch_tokens the
+    batch is the process's whole window, run in forward passes of that many tokens: all but the last skip the
+    all-reduce, so each process syncs once per window however many passes it needs."""
     from exp_1.model import model_inputs, weighted_loss
+    from exp_1.train import run_in_passes
     from exp_1.utils import to_device
 
-    batch = to_device(batch, accelerator.device)
-    loss = weighted_loss(model(**model_inputs(batch)), batch)
-    accelerator.backward(loss * accelerator.gradient_accumulation_steps * accelerator.num_processes)
-    return loss.detach()
+    def one_pass(part: dict, last: bool):
+        part = to_device(part, accelerator.device)
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = weighted_loss(model(**model_inputs(part)), part)
+            accelerator.backward(loss * accelerator.gradient_accumulation_steps * accelerator.num_processes)
+        return loss.detach()
+
+    def start_over():
+        if accelerator.num_processes > 1:  # the others may be waiting in this window's all-reduce already
+            raise RunStopped("out of GPU memory under several processes: set train.micro_batch_tokens lower and "
+                             "--resume from the last resume point")
+        optimizer.zero_grad(set_to_none=True)
+
+    return run_in_passes(batch, micro_batches, one_pass, start_over)
 
 
 def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -47,10 +61,10 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     from accelerate import Accelerator, PartialState
 
     from exp_1.data import make_loaders, prepare_data, review_starts
-    from exp_1.model import Weights, load_model, load_weights, save_pretrained_parts
+    from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
     from exp_1.rundir import ResumePoints, RunDir, write_predictions
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
-    from exp_1.train import Meter, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
+    from exp_1.train import Meter, MicroBatches, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
     from exp_1.utils import launcher_precision, pick_device, pick_precision, seed_everything, use_packing
 
     started = time.time()
@@ -60,8 +74,8 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     cpu = pick_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.train.peer_timeout))
     precision = pick_precision(cfg.train.precision, processes.device, launcher=launcher_precision())
-    accum_steps = grad_accum_steps(cfg.train, processes.num_processes)
-    packed = use_packing(cfg.train.packing, cfg.model, processes.device)
+    micro_batch, accum_steps = window_layout(cfg.train, processes.num_processes)
+    packed = use_packing(cfg.train.packing, cfg.model, processes.device, precision)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only, on every process: what could not be started stops here
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[precision],
@@ -72,17 +86,18 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     if cfg.train.compile:
-        model.compile()  # in place, so checkpoints keep the plain model's keys
+        compile_model(model, packed)
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
         splits = prepare_data(cfg, tokenizer, model.input_names)
     # The train loader is not prepared: Accelerate's sharding would top up uneven last batches with repeated
     # samples. The sampler deals each window's micro-batches to the processes itself.
-    loaders = make_loaders(splits, tokenizer, cfg, accum_steps, accelerator.num_processes, accelerator.process_index,
+    loaders = make_loaders(splits, tokenizer, cfg, (micro_batch, accum_steps), accelerator.num_processes, accelerator.process_index,
                            accelerator.device, packed)
 
     # optimizer and schedule, sized in optimizer steps (the scheduler is stepped by hand, once per real step)
     lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
     optimizer = build_optimizer(model, cfg.train, lr, accelerator.device)
+    micro_batches = MicroBatches(cfg.train.micro_batch_tokens)  # forward passes cut by tokens, when set
     steps_per_epoch = len(loaders.sampler) // accum_steps
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
     model, optimizer, val_loader, test_loader = accelerator.prepare(model, optimizer, loaders.validation, loaders.test)
@@ -118,7 +133,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
             # every window has exactly gradient_accumulation_steps micro-batches per process, so Accelerate's count
             # of micro-batches marks the window's last one (sync_gradients) and skips the all-reduce before it
             with accelerator.accumulate(model):
-                window_loss += backward_micro_batch(accelerator, model, batch)
+                window_loss += backward_micro_batch(accelerator, model, batch, micro_batches, optimizer)
                 if not accelerator.sync_gradients:
                     continue
                 step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
