@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, ModernBertConfig
 
 from exp_1.config import ModelConfig
 from exp_1.model import compile_model, load_model, weighted_loss
-from exp_1.packing import PACKED, pack
+from exp_1.packing import PACKED
 
 BF16_TOLERANCE = 3e-2  # relative error of bf16 operands: between 1e-3 and 1e-2 per op, a few layers deep
 
@@ -62,6 +62,16 @@ def features(tokenizer, lengths: list[int], seed: int) -> list[dict]:
         ids = [tokenizer.cls_token_id] + torch.randint(1000, 20000, (n - 2,), generator=g).tolist() + [tokenizer.sep_token_id]
         rows.append({"input_ids": ids, "attention_mask": [1] * n, "label": i % 2, "loss_weight": 1 / len(lengths)})
     return rows
+
+
+def pack(rows: list[dict]) -> dict:
+    """These reviews as one packed row, as the training loader builds it (exp_1.data.PackedRows)."""
+    import datasets
+
+    from exp_1.data import PackedRows
+
+    data = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "label": r["label"]} for r in rows])
+    return PackedRows(data).__getitems__([(i, r["loss_weight"]) for i, r in enumerate(rows)])
 
 
 def run(model, batch, device, precision):
@@ -177,7 +187,8 @@ def compiled_packed(path: str, device) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokenizer", required=True, help="a folder with a BERT-style tokenizer")
+    p.add_argument("--tokenizer", required=True, help="a folder with a BERT-style tokenizer, or a model this project "
+                   "resolves (sentence-transformers/all-MiniLM-L6-v2 comes from its package)")
     p.add_argument("--compile-only", action="store_true", help="only the torch.compile check")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself (reference attention)")
     args = p.parse_args()
@@ -185,7 +196,9 @@ def main() -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    from exp_1.model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
     ok = True
     paths = {kind: small_model(kind, tokenizer) for kind in ("bert", "modernbert")}
     for kind, path in paths.items():

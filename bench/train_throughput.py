@@ -5,6 +5,7 @@ precision) vs the original pipeline (pad to max_length, eager attention, unmaske
     python bench/train_throughput.py --random-modernbert --batch-size 32 --steps 20 --data /path/to/imdb   # GPU
     python bench/train_throughput.py ... --only "this project" "this project, packed" "this project, packed + compiled" \
         "HF Trainer, same settings" "HF Trainer, padding-free"                                            # GPU, packing
+    python bench/train_throughput.py --host-overhead --data ../shared/data/imdb [--compiled]   # CPU: the host's share
 
 Every variant trains in its own process (so peak memory is its own) on the same real reviews, model, max_length,
 batch size and number of steps; the first --warmup steps are not timed. Reported per variant: real (non-padding)
@@ -32,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VARIANTS = ["this project", "HF Trainer, defaults", "HF Trainer, same settings", "original pipeline"]
+VARIANTS = ["this project", "this project, activation checkpointing", "HF Trainer, defaults", "HF Trainer, same settings",
+            "original pipeline"]
 # On request (--only): compiling takes minutes on a CPU, and packing pays only on a GPU (a CPU has no varlen kernel).
 ON_REQUEST = ["this project, compiled", "this project, packed", "this project, packed + compiled",
-              "HF Trainer, padding-free"]
+              "this project, packed + compiled + CUDA graphs", "HF Trainer, padding-free"]
 
 
 def parse_args(argv=None):
@@ -58,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="*", choices=VARIANTS + ON_REQUEST, default=VARIANTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="instead: this project's and HF Trainer's host time per optimizer step, by phase, on tiny models "
+                        "of the MiniLM and ModernBERT-base shapes (bench/host_overhead.py); --steps, --warmup, --data apply")
+    p.add_argument("--compiled", action="store_true", help="with --host-overhead: also this project compiled")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--model-folder", help=argparse.SUPPRESS)  # internal: the random-weights model, made once
@@ -67,7 +73,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------- shared setup
 
 def device_and_precision(args):
-    from exp_1.utils import pick_device, pick_precision
+    from exp_1.device import pick_device
+    from exp_1.precision import pick_precision
 
     device = pick_device("auto")
     return device, pick_precision(args.precision, device)
@@ -176,31 +183,36 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------------------------- the variants
 
-def run_this_project(args, texts, labels, path, device, precision, compiled: bool = False, packed: bool = False):
+def run_this_project(args, texts, labels, path, device, precision, compiled: bool = False, packed: bool = False,
+                     checkpointed: bool = False, cuda_graphs: bool = False):
     """exp_1/exp_2's pipeline: length-grouped windows, dynamic padding, attention dropout 0, auto precision, fused
     AdamW, gradient accumulation over --micro-batch; with train.compile if `compiled` (the first 3 steps, which
-    compile, are not timed); on packed micro-batches (train.packing), one per batch, if `packed`."""
+    compile, are not timed); on packed micro-batches (train.packing), one per batch, if `packed`; with
+    train.activation_checkpointing if `checkpointed`; with train.cuda_graphs (fixed token buckets, each shape recorded
+    once, which the untimed warmup steps cover as far as they can) if `cuda_graphs`."""
     import datasets
     from omegaconf import OmegaConf
 
-    from exp_1.config import Config
+    from exp_1.config import Config, StepLayout
     from exp_1.data import WindowBatchSampler, make_train_loader, tokenize
-    from exp_1.model import compile_model, load_model
+    from exp_1.model import checkpoint_activations, compile_model, load_model
     from exp_1.train import Stepper, build_optimizer, build_scheduler
 
     micro = args.batch_size if packed else (args.micro_batch or args.batch_size)
     accum = args.batch_size // micro
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "model": {"name": path, "attention_dropout": 0.0}, "data": {"max_length": args.max_length},
-        "train": {"batch_size": micro, "compile": compiled}})
+        "train": {"batch_size": micro, "compile": compiled, "cuda_graphs": cuda_graphs}})
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
+    if checkpointed:
+        checkpoint_activations(model)
     if cfg.train.compile:
-        compile_model(model, packed)
+        compile_model(model, packed, cuda_graphs)
         args.warmup = max(args.warmup, 3)
     rows = tokenize(datasets.Dataset.from_dict({"text": texts, "label": labels}), tokenizer, args.max_length,
                     model.input_names)
-    sampler = WindowBatchSampler(rows["length"][:], micro, accum, args.seed)
+    sampler = WindowBatchSampler(rows["length"][:], StepLayout(micro * accum, 1, accum, None), args.seed)
     loader = make_train_loader(rows, sampler, tokenizer, cfg, device, packed)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
     stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, 10**6), device, precision, 1.0)
@@ -300,7 +312,7 @@ def run_original(args, texts, labels, path, device, precision):
 
 
 def run_variant(args) -> dict:
-    from exp_1.utils import seed_everything
+    from exp_1.train import seed_everything
 
     seed_everything(args.seed)
     device, precision = device_and_precision(args)
@@ -310,9 +322,12 @@ def run_variant(args) -> dict:
     path = args.model_folder or model_path(args)
     texts, labels = sample_reviews(args)
     runner = {"this project": run_this_project, "original pipeline": run_original,
+              "this project, activation checkpointing": lambda *a: run_this_project(*a, checkpointed=True),
               "this project, compiled": lambda *a: run_this_project(*a, compiled=True),
               "this project, packed": lambda *a: run_this_project(*a, packed=True),
               "this project, packed + compiled": lambda *a: run_this_project(*a, compiled=True, packed=True),
+              "this project, packed + compiled + CUDA graphs": lambda *a: run_this_project(
+                  *a, compiled=True, packed=True, cuda_graphs=True),
               "HF Trainer, defaults": lambda *a: run_hf_trainer(*a, same_settings=False),
               "HF Trainer, same settings": lambda *a: run_hf_trainer(*a, same_settings=True),
               "HF Trainer, padding-free": lambda *a: run_hf_trainer(*a, same_settings=True, padding_free=True),
@@ -380,18 +395,25 @@ def report(args, results: dict, peaks: dict, device) -> str:
                      f"{r['real_tokens'] / r['processed_tokens']:.3f} | {flops / 1e9:,.0f} | "
                      f"{100 * flops / peaks[r['precision']]:.1f}% | {r['peak_memory_mb']:,.0f} | "
                      f"{r['first_step_seconds']:.1f} | {faster} |")
-    eager, compiled = results.get("this project, packed", {}), results.get("this project, packed + compiled", {})
-    if "seconds" in eager and "seconds" in compiled:
-        saved = eager["seconds"] / eager["steps"] - compiled["seconds"] / compiled["steps"]
-        extra = compiled["first_step_seconds"] - eager["first_step_seconds"]
-        lines += ["", f"compiling: the first step takes {extra:.1f} s longer and each later step {1000 * saved:.1f} ms "
-                  + (f"shorter, so it pays back after {max(extra, 0) / saved:.0f} optimizer steps" if saved > 0
-                     else "longer, so it never pays back")]
+    eager = results.get("this project, packed", {})
+    for name in ("this project, packed + compiled", "this project, packed + compiled + CUDA graphs"):
+        compiled = results.get(name, {})
+        if "seconds" in eager and "seconds" in compiled:
+            saved = eager["seconds"] / eager["steps"] - compiled["seconds"] / compiled["steps"]
+            extra = compiled["first_step_seconds"] - eager["first_step_seconds"]
+            lines += ["", f"{name.split(', ', 1)[1]}: the first step takes {extra:.1f} s longer and each later step "
+                      f"{1000 * saved:.1f} ms " + (f"shorter, so it pays back after {max(extra, 0) / saved:.0f} "
+                                                 "optimizer steps" if saved > 0 else "longer, so it never pays back")]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.host_overhead:
+        import host_overhead
+
+        print("\n".join(host_overhead.main(args)))
+        return
     if args.variant:
         Path(args.result).write_text(json.dumps(run_variant(args)))
         return

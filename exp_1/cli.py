@@ -11,6 +11,7 @@ import ast
 import contextlib
 import ctypes
 import io
+import os
 import signal
 import sys
 import tokenize
@@ -20,7 +21,9 @@ from typing import Any, Callable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from exp_1 import config as schema
-from exp_1.config import Config, RunStopped, UserError, load_config
+from exp_1.config import Config, load_config
+from exp_1.errors import RunStopped, UserError
+from exp_1.rundir import RunDir
 
 
 class CliParser(argparse.ArgumentParser):
@@ -41,6 +44,9 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
     runs.add_argument("--resume", action="store_true",
                       help="continue the run output_dir/name from its newest resume point (same config)")
     runs.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    runs.add_argument("--continue", dest="continue_run", action="store_true",
+                      help="resume the run from its newest resume point if it has one, start it (again) if it has "
+                      "none, and do nothing if it has finished: what sweeps and WandB agents run")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (after base: files and overrides) and exit")
     parser.add_argument("--device-check", action="store_true",
@@ -48,16 +54,46 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-5")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if os.environ.get("WANDB_SWEEP_ID") and not any(o.startswith("name=") for o in args.overrides):
+        # a WandB sweep agent passes its parameters as overrides: each run gets a name of its own from them
+        params = sweep_parameters()
+        named = [o for o in args.overrides if params is None or o.split("=", 1)[0] in params]
+        args.overrides.append(f"name={schema.run_name(cfg.name, named)}")
+        cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         raise SystemExit(0)
     if args.device_check:
-        from exp_1.utils import device_report, launcher_precision
+        from exp_1.device import device_report
+        from exp_1.precision import launcher_precision
 
         report = device_report(cfg, launcher_precision() if launcher else None)
         print(report)
         raise SystemExit(2 if "this run would stop" in report else 0)
+    if args.continue_run:
+        run = RunDir.of(cfg)
+        if run.is_finished():
+            changed = run.config_changes(cfg)
+            if changed:
+                raise UserError(f"--continue: {run.path} has finished with another config (it differs in "
+                                f"{', '.join(changed)}); give this config another name= or output_dir=")
+            print(f"{run.path} has finished (metrics.json exists); nothing to do")
+            raise SystemExit(0)
+        args.resume = bool(run.resume_points())
+        args.overwrite = not args.resume and run.is_run() and run.has_results()
     return args, cfg
+
+
+def sweep_parameters() -> set[str] | None:
+    """The names of the parameters a WandB sweep agent chose for this run (the file it names in
+    WANDB_SWEEP_PARAM_PATH), or None when it cannot be read."""
+    import yaml
+
+    try:
+        params = yaml.safe_load(Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).read_text())
+    except (KeyError, OSError, yaml.YAMLError):
+        return None
+    return {key for key in params if key != "wandb_version"} if isinstance(params, dict) else None
 
 
 def config_keys() -> list[tuple[str, str, str, str]]:
@@ -103,20 +139,16 @@ def config_help() -> str:
 # ----------------------------------------------------------------------------------------------- how a run ends
 
 class Preemption:
-    """SIGTERM, which pre-emptible clouds send shortly before a kill, only sets `requested`: the training loop then
-    finishes its optimizer step, saves a resume point and stops with exit code 143. Installed by `run_cli`, so
-    in-process callers (tests, notebooks) keep their own handlers."""
+    """SIGTERM, which pre-emptible clouds send shortly before a kill, only sets `requested`: the training loop acts
+    on it at the next optimizer step that logs, validates or saves (every step with train.log_every=1), saves a
+    resume point there and stops with exit code 143 (errors.Preempted). Installed by `run_cli`, so in-process callers
+    (tests, notebooks) keep their own handlers."""
 
     requested = False
 
     @classmethod
     def install(cls) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
-
-    @staticmethod
-    def stop(step: int) -> RunStopped:
-        return RunStopped(f"terminated (SIGTERM) after optimizer step {step}; a resume point was saved there: "
-                          "continue with the same command and --resume", exit_code=143)
 
 
 def run_cli(main: Callable[[list[str]], Any]) -> None:

@@ -7,7 +7,9 @@ Every mistake a user can make in a config (unknown key, wrong type, value out of
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -16,24 +18,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from exp_1.errors import UserError
+
 PROJECT_NAME = "imdb-grad-accum"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and CUDA's generators take no more
 MAX_SIZE = 2**31 - 1  # sizes and counts: more would overflow the loaders' index arithmetic
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line and exit code 2, never as a traceback."""
-
-
-class RunStopped(Exception):
-    """The run stopped before its end (a diverging loss, a full disk, a signal, a lost peer process): one line, its own
-    exit code, and every file saved before kept usable."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+MAX_NAME = 255  # bytes in a file or folder name (Linux, macOS)
+MAX_PATH = 4096 - 100  # bytes in a path (Linux), less room for the longest name a run directory holds
 
 
 @dataclass
@@ -74,21 +67,29 @@ class TrainConfig:
     lr_scaling: str = "none"  # none | sqrt | linear: scale lr by effective batch / lr_reference_batch
     lr_reference_batch: int = 32  # the effective batch that `lr` was tuned for
     weight_decay: float = 0.01  # AdamW decay of weight matrices (not of biases and norms)
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W)'s moment decay rates, each in [0, 1)
+    adam_eps: float = 1e-8  # Adam(W)'s epsilon, added to the root of the second moment
     warmup_ratio: float = 0.1  # share of the optimizer steps spent raising the lr from 0
     scheduler: str = "linear"  # linear | cosine | constant
     max_grad_norm: Optional[float] = 1.0  # null disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
+    eval_every_steps: Optional[int] = None  # also validate (and save a resume point) every N optimizer steps; null: at epoch ends only
+    early_stopping_patience: Optional[int] = None  # stop after this many validations in a row without improving checkpoint.best_metric by more than early_stopping_min_delta; null: off
+    early_stopping_min_delta: float = 0.0  # the improvement that counts for early stopping (in the metric's units)
+    activation_checkpointing: bool = False  # recompute the encoder's activations in the backward pass: less memory, slower steps
     log_every: int = 1  # optimizer steps per logged train loss (the mean over them)
+    progress: str = "auto"  # auto | bar | lines | none: a progress bar, or plain lines (auto: a bar on a terminal, lines when output goes to a file)
     compile: bool = False  # torch.compile the model: pays a compile at the start (and per new shape) for faster steps
+    cuda_graphs: bool = False  # with compile and packing: pad packed rows to fixed token buckets and replay each step as a CUDA graph (GPU only)
     packing: str = "auto"  # auto | true | false: padding-free packed micro-batches (auto: on CUDA in bf16/fp16, no attention dropout)
     peer_timeout: int = 900  # seconds: several processes end the run when one stops answering for this long
 
 
 @dataclass
 class CheckpointConfig:
-    best_metric: str = "accuracy"  # validation metric that picks the best epoch: accuracy | f1 | loss
-    every_steps: Optional[int] = None  # also save a resume point every N optimizer steps (epoch ends always do)
+    best_metric: str = "accuracy"  # validation metric that picks the best checkpoint: accuracy | f1 | loss
+    every_steps: Optional[int] = None  # also save a resume point every N optimizer steps (every validation does)
 
 
 @dataclass
@@ -126,11 +127,13 @@ CHOICES = {
     "tracking.wandb_mode": (None, "auto", "online", "offline", "disabled"),
     "tracking.log_model": (None, "best"),
     "train.packing": ("auto", "true", "false"),
+    "train.progress": ("auto", "bar", "lines", "none"),
 }
 POSITIVE_INTS = ("data.max_length", "train.batch_size", "train.grad_accum_steps", "train.epochs",
                  "train.log_every", "train.lr_reference_batch", "train.peer_timeout")
 OPTIONAL_POSITIVE_INTS = ("data.max_train_samples", "data.max_val_samples", "data.max_test_samples",
-                          "data.pad_to_multiple_of", "train.effective_batch_size", "checkpoint.every_steps")
+                          "data.pad_to_multiple_of", "train.effective_batch_size", "checkpoint.every_steps",
+                          "train.eval_every_steps", "train.early_stopping_patience")
 FRACTIONS = ("model.dropout", "model.encoder_dropout", "model.attention_dropout", "train.warmup_ratio")
 
 
@@ -139,12 +142,7 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
     values = _read_yaml(Path(path))
     cfg = OmegaConf.structured(Config)
     for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} must look like dotted.key=value, e.g. train.lr=3e-5")
-        key = item.split("=", 1)[0]
-        if isinstance(OmegaConf.select(cfg, key, default=None), DictConfig):
-            raise UserError(f"override {item!r}: {key} is a section; set its keys, e.g. {key}."
-                            f"{next(iter(OmegaConf.select(cfg, key)))}=...")
+        _check_override(item, cfg)
     for source, layer in ((str(path), values), ("command line", overrides)):
         try:
             update = OmegaConf.create(values) if layer is values else OmegaConf.from_dotlist(list(layer))
@@ -155,7 +153,7 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
             if "Incompatible value 'None'" in str(err):  # `key=` or `key: ` left empty
                 raise UserError(f"{source}: {err.full_key} is empty; give it a value") from None
             raise UserError(f"{source}: {err.full_key}: {_first_line(err)}") from None
-        except OmegaConfBaseException as err:
+        except (OmegaConfBaseException, TypeError) as err:  # TypeError: a list where the schema has a section
             raise UserError(f"{source}: {_first_line(err)}") from None
     try:  # ${...} interpolations become values now, so a bad one is named here rather than failing mid-run
         OmegaConf.resolve(cfg)
@@ -166,6 +164,58 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
     return cfg
 
 
+DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _check_override(item: str, cfg: DictConfig) -> None:
+    """An override is `dotted.key=value`, its value one line of YAML: anything else is named here, before OmegaConf
+    (which would take `train..lr` for a key named '' and raise YAML's own errors)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like dotted.key=value, e.g. train.lr=3e-5")
+    key, value = item.split("=", 1)
+    if not DOTTED_KEY.fullmatch(key):
+        raise UserError(f"override {item!r}: {key!r} is not a dotted config key; write e.g. train.lr=3e-5 (python "
+                        "exp_1/main.py --help lists the keys)")
+    try:
+        parsed = yaml.load(value, Loader=StrictLoader)
+    except yaml.YAMLError as err:
+        raise UserError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+    except RecursionError:
+        raise UserError(f"override {item!r}: the value is nested too deeply") from None
+    if isinstance(OmegaConf.select(cfg, key, default=None), DictConfig) and not isinstance(parsed, dict):
+        raise UserError(f"override {item!r}: {key} is a section; set its keys, e.g. {key}."
+                        f"{next(iter(OmegaConf.select(cfg, key)))}=..., or give a mapping, {key}={{...}}")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML would keep the last silently."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden, as in safe_load
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                seen = key in first_line
+            except TypeError:  # a list or mapping as a key
+                raise yaml.constructor.ConstructorError(None, None, f"a key at line {line} is not a name",
+                                                        key_node.start_mark) from None
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice, at lines {first_line[key]} and {line}; keep one",
+                    key_node.start_mark)
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or _first_line(err)}{where}"
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """A config file's values; `base: other.yaml` (relative to the file) is read first and overridden by the rest."""
     if path.is_dir():
@@ -174,14 +224,17 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         hint = f"; shipped configs are in {CONFIG_DIR}" if not path.is_absolute() else ""
         raise UserError(f"config file {path} not found{hint}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=StrictLoader) or {}
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise UserError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML: {getattr(err, 'problem', None) or _first_line(err)}"
-                        f"{where}") from None
+        if "appears twice" in str(getattr(err, "problem", "")):
+            raise UserError(f"config file {path}: {err.problem}") from None
+        raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply to be a config") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, not {type(values).__name__}")
     base = values.pop("base", None)
@@ -190,7 +243,10 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base_path = path.parent / str(base)
     if base_path.resolve() in seen:
         raise UserError(f"config file {path}: base {base} includes itself")
-    merged = OmegaConf.merge(_read_yaml(base_path, seen + (path.resolve(),)), values)
+    try:
+        merged = OmegaConf.merge(_read_yaml(base_path, seen + (path.resolve(),)), values)
+    except OmegaConfBaseException as err:
+        raise UserError(f"config file {path}: {_first_line(err)}") from None
     return OmegaConf.to_container(merged)
 
 
@@ -227,15 +283,29 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"train.lr={cfg.train.lr} must be a positive number")
     if cfg.train.weight_decay < 0:
         raise UserError(f"train.weight_decay={cfg.train.weight_decay} must be >= 0")
+    betas = list(cfg.train.adam_betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"train.adam_betas={betas} must be two decay rates in [0, 1), e.g. [0.9, 0.999]")
+    if not cfg.train.adam_eps > 0:
+        raise UserError(f"train.adam_eps={cfg.train.adam_eps} must be a positive number, e.g. 1e-8")
+    if cfg.train.early_stopping_min_delta < 0:
+        raise UserError(f"train.early_stopping_min_delta={cfg.train.early_stopping_min_delta} must be >= 0")
     if cfg.train.max_grad_norm is not None and cfg.train.max_grad_norm <= 0:
         raise UserError(f"train.max_grad_norm={cfg.train.max_grad_norm} must be positive, or null to disable clipping")
     weights = list(cfg.data.split)
     if len(weights) != 3 or min(weights) <= 0:
         raise UserError(f"data.split={weights} must be three positive train:validation:test weights, e.g. [9, 1, 1]")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", "..") or cfg.name.startswith("~"):
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", "..") or cfg.name.startswith("~") or any(
+            ord(c) < 32 for c in cfg.name):
         raise UserError(f"name={cfg.name!r} must be a plain folder name (it becomes output_dir/name)")
+    if len(cfg.name.encode()) > MAX_NAME:
+        raise UserError(f"name is {len(cfg.name.encode())} bytes long; folder names take at most {MAX_NAME}")
     if not cfg.output_dir:
         raise UserError("output_dir is empty; give the folder that holds run directories, e.g. output_dir=runs")
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    if any(len(part.encode()) > MAX_NAME for part in run_dir.parts) or len(str(run_dir.absolute()).encode()) > MAX_PATH:
+        raise UserError(f"output_dir/name is too long for the filesystem (at most {MAX_NAME} bytes a folder name and "
+                        f"{MAX_PATH} bytes in all, leaving room for the files in it); choose a shorter one")
 
 
 def _leaves(values: dict, prefix: str = ""):
@@ -268,28 +338,76 @@ def to_plain_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def grad_accum_steps(train: TrainConfig, num_processes: int = 1) -> int:
-    """Micro-batches per optimizer step, from `grad_accum_steps` or from `effective_batch_size` when that is set."""
-    if train.effective_batch_size is None:
-        return train.grad_accum_steps
-    if train.grad_accum_steps != 1:
-        raise UserError("set train.grad_accum_steps or train.effective_batch_size, not both")
-    per_step = train.batch_size * num_processes
-    if train.effective_batch_size % per_step:
-        raise UserError(
-            f"train.effective_batch_size={train.effective_batch_size} is not a multiple of train.batch_size="
-            f"{train.batch_size} x {num_processes} process(es) = {per_step}; change one of them")
-    return train.effective_batch_size // per_step
+@dataclass(frozen=True)
+class StepLayout:
+    """How one optimizer step is made: decided once from the config and the number of processes, and used by the
+    sampler, the loops, the resume points and every record of the run."""
+
+    effective_batch: int  # reviews per optimizer step, all processes together
+    processes: int
+    grad_accum_steps: int  # micro-batches per step on each process, as configured (or from train.effective_batch_size)
+    micro_batch_tokens: Optional[str]  # None: forward passes of train.batch_size reviews; a number or auto: cut by tokens
+
+    @property
+    def loader_batches(self) -> int:
+        """Loader batches per optimizer step on each process: with micro_batch_tokens, one (the process's whole share
+        of the step, which training cuts into forward passes by tokens); else one per micro-batch."""
+        return self.grad_accum_steps if self.micro_batch_tokens is None else 1
+
+    @property
+    def loader_batch_size(self) -> int:
+        return self.effective_batch // (self.processes * self.loader_batches)
 
 
-def window_layout(train: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
-    """(reviews per loader batch, loader batches per optimizer step) on each process. With micro_batch_tokens each
-    loader batch is the process's whole share of the step, and training cuts it into forward passes by tokens."""
-    accum = grad_accum_steps(train, num_processes)
-    return (train.batch_size, accum) if train.micro_batch_tokens is None else (train.batch_size * accum, 1)
+def step_layout(train: TrainConfig, processes: int = 1) -> StepLayout:
+    """The optimizer step of `train` on `processes` processes; a batch size that does not divide is named here."""
+    accum = train.grad_accum_steps
+    if train.effective_batch_size is not None:
+        if train.grad_accum_steps != 1:
+            raise UserError("set train.grad_accum_steps or train.effective_batch_size, not both")
+        per_step = train.batch_size * processes
+        if train.effective_batch_size % per_step:
+            raise UserError(
+                f"train.effective_batch_size={train.effective_batch_size} is not a multiple of train.batch_size="
+                f"{train.batch_size} x {processes} process(es) = {per_step}; change one of them")
+        accum = train.effective_batch_size // per_step
+    return StepLayout(train.batch_size * accum * processes, processes, accum,
+                      None if train.micro_batch_tokens is None else str(train.micro_batch_tokens))
 
 
 def scaled_lr(train: TrainConfig, effective_batch: int) -> float:
     """`train.lr` was tuned for `lr_reference_batch`; scale it to the effective batch as `lr_scaling` says."""
     ratio = effective_batch / train.lr_reference_batch
     return train.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[train.lr_scaling]
+
+
+NAME_EXCLUDES = ("name", "output_dir")  # where a run lives, not what it is
+
+
+def run_name(base: str, overrides: List[str]) -> str:
+    """A readable, stable name for a run of `base` with these overrides (a sweep's grid point and seed, a WandB
+    agent's parameters): `<base>_<key><value>...`, each key by its last part, a section's mapping by its keys, the
+    seed last, e.g. quickstart_lr3e-5_epochs2_seed1."""
+    parts, seed = [], None
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in NAME_EXCLUDES or key.startswith("tracking."):
+            continue
+        if key == "seed":
+            seed = value
+            continue
+        parsed = yaml.safe_load(value) if value.strip().startswith("{") else None
+        pairs = parsed.items() if isinstance(parsed, dict) else [(key.rsplit(".", 1)[-1], value)]
+        parts += [f"{leaf}{_name_safe(str(v))}" for leaf, v in pairs]
+    name = "_".join([base, *parts] + ([f"seed{seed}"] if seed is not None else []))
+    if len(name.encode()) > MAX_NAME:
+        raise UserError(f"the run name {name[:60]}... made from the overrides is longer than {MAX_NAME} bytes; give "
+                        "the runs shorter values or set name=")
+    return name
+
+
+def _name_safe(value: str) -> str:
+    """The value as it can stand in a folder name; one that had to change gets a short hash of itself, so that two
+    values never make one name (/a/b and /a-b)."""
+    safe = re.sub(r"[^\w.+-]", "-", value.replace(" ", "")).strip("-")
+    return safe if safe == value else f"{safe}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"

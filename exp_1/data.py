@@ -15,13 +15,15 @@ from typing import Iterator, Optional
 
 import datasets
 import numpy as np
+import pyarrow
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from exp_1.config import UserError
-from exp_1.packing import pack
+from exp_1.config import StepLayout
+from exp_1.errors import UserError
+from exp_1.imdb_sentiment import keep_ends
 
 SOURCE_SPLITS = ("train", "test")  # combined in this order; the hub's `unsupervised` split has no labels
 ACLIMDB_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
@@ -46,16 +48,22 @@ def load_reviews(path: str) -> datasets.Dataset:
         parts = [_read_aclimdb_split(folder / split) for split in SOURCE_SPLITS if (folder / split).is_dir()]
         return _check_reviews(datasets.concatenate_datasets(parts), path)
 
+    quiet = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log lines would precede our one line
     try:
         loaded = datasets.load_dataset(str(folder) if looks_local else path)
-    except Exception as err:  # datasets raises many error types for a missing hub or folder content
+    except (OSError, ValueError, datasets.exceptions.DatasetsError, pyarrow.ArrowException) as err:
+        # what datasets raises for a missing hub dataset (ConnectionError, DatasetNotFoundError) or unreadable files
         if looks_local:
             _name_non_utf8_file(folder)
-            raise UserError(f"data.path={path}: cannot read data files there ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0]}); expected parquet/csv/jsonl files with text and label") from None
+            cause = err.__cause__ or err  # DatasetGenerationError wraps the reader's own error
+            raise UserError(f"data.path={path}: cannot read data files there ({type(cause).__name__}: "
+                            f"{_first_line(cause)}); expected parquet/csv/jsonl files with text and label") from None
         raise UserError(f"data.path={path}: cannot load it from the HF hub and no cached copy exists "
                         f"({type(err).__name__}); check the id and your connection, or set data.path to a local "
                         "folder, e.g. data.path=/path/to/imdb") from None
+    finally:
+        datasets.logging.set_verbosity(quiet)
     names = [s for s in SOURCE_SPLITS if s in loaded] or [s for s in loaded if s != "unsupervised"]
     if not names:
         raise UserError(f"data.path={path}: no labelled split found (splits: {', '.join(loaded)})")
@@ -68,6 +76,10 @@ def load_reviews(path: str) -> datasets.Dataset:
                             f"found {', '.join(part.column_names)}")
         parts.append(_labels_as_0_1(part.select_columns(["text", "label"]), path, name))
     return _check_reviews(datasets.concatenate_datasets(parts), path)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
@@ -142,6 +154,14 @@ def _check_reviews(reviews: datasets.Dataset, path: str) -> datasets.Dataset:
 
 # ----------------------------------------------------------------------------------------------- splitting
 
+def content_sha256(texts: list[str], labels) -> str:
+    """A fingerprint of the reviews themselves, so that a resume notices data that changed under the same indices."""
+    digest = hashlib.sha256()
+    for text, label in zip(texts, labels):
+        digest.update(f"{int(label)}\0{text}\0".encode())
+    return digest.hexdigest()
+
+
 def split_indices(texts: list[str], labels: np.ndarray, weights, seed: int) -> dict:
     """One seeded, stratified train/validation/test split of the unique texts.
 
@@ -195,8 +215,8 @@ def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: l
     """The run's split of the reviews (drawn by data.split_seed), tokenised into `columns` (the model's inputs)."""
     seed = cfg.data.split_seed
     reviews = load_reviews(cfg.data.path)
-    labels = np.asarray(reviews["label"][:])
-    record = split_indices(reviews["text"][:], labels, cfg.data.split, seed)
+    labels, texts = np.asarray(reviews["label"][:]), reviews["text"][:]
+    record = split_indices(texts, labels, cfg.data.split, seed)
     for name in ("train", "validation", "test"):
         if not record[name]:
             raise UserError(f"data.split={list(cfg.data.split)} leaves no {name} reviews out of {len(reviews)}; "
@@ -209,7 +229,8 @@ def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: l
     if len(set(labels[record["train"]])) < 2:
         raise UserError(f"data.path={cfg.data.path}: the training reviews are all of one class; a classifier needs "
                         "both negative (0) and positive (1) reviews")
-    record.update(source=cfg.data.path, split_seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews))
+    record.update(source=cfg.data.path, split_seed=seed, split_weights=list(cfg.data.split), combined_size=len(reviews),
+                  data_sha256=content_sha256(texts, labels))
 
     tokenized = {}
     for name in ("train", "validation", "test"):
@@ -246,30 +267,14 @@ def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
     `length` in tokens and the `full_length` they would have uncut."""
     whole = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=truncation != "head", verbose=False)
     if truncation != "head":
-        texts = keep_ends(texts, whole["offset_mapping"], tokenizer, max_length, truncation)
+        budget = max_length - tokenizer.num_special_tokens_to_add()
+        texts = keep_ends(texts, whole["offset_mapping"], budget, truncation)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     out = {name: encoded[name] for name in columns if name in encoded}  # RoBERTa's returns no token types
     out["length"] = [len(ids) for ids in encoded["input_ids"]]
     special = tokenizer.num_special_tokens_to_add()
     out["full_length"] = [len(ids) + special for ids in whole["input_ids"]]
     return out
-
-
-def keep_ends(texts: list[str], spans: list, tokenizer: PreTrainedTokenizerBase, max_length: int,
-              truncation: str) -> list[str]:
-    """Cut reviews longer than the token budget to their last tokens (`tail`) or to their first quarter and last
-    three quarters (`head_tail`: Sun et al. 2019 kept the first 128 and last 382 of 512 tokens on IMDB, since reviews
-    often end with the verdict). Cuts fall on token boundaries, via the fast tokenizer's character offsets (`spans`)."""
-    budget = max_length - tokenizer.num_special_tokens_to_add()
-    head = budget // 4 if truncation == "head_tail" else 0
-    cut = []
-    for text, offsets in zip(texts, spans):
-        if len(offsets) <= budget:
-            cut.append(text)
-        else:
-            start = offsets[len(offsets) - (budget - head)][0]
-            cut.append((text[:offsets[head - 1][1]] + " " if head else "") + text[start:])
-    return cut
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -279,7 +284,7 @@ class WindowBatchSampler:
 
     An epoch's order depends only on the seed, the epoch and the effective batch (micro-batch x accumulation x
     processes): the samples are shuffled, optionally grouped by length, and cut into windows of one effective batch.
-    Each window is then cut into exactly `accum_steps x num_processes` micro-batches, dealt round-robin to processes,
+    Each window is then cut into exactly `layout.loader_batches x processes` micro-batches, dealt round-robin to processes,
     so `batch_size=12` and `batch_size=4, grad_accum_steps=3` put the same samples in the same optimizer steps.
 
     Every sample carries `loss_weight = 1 / (samples in its window)`: the weighted loss sums to the window's mean, so
@@ -289,14 +294,17 @@ class WindowBatchSampler:
 
     GROUP_WINDOWS = 50  # windows per length-sorted chunk: enough to group lengths, few enough to stay random
 
-    def __init__(self, lengths, micro_batch: int, accum_steps: int, seed: int, num_processes: int = 1,
-                 process_index: int = 0, group_by_length: bool = True):
+    def __init__(self, lengths, layout: StepLayout, seed: int, process_index: int = 0, group_by_length: bool = True):
         self.lengths = np.asarray(lengths)
-        self.micro_batch, self.accum_steps, self.seed = micro_batch, accum_steps, seed
-        self.num_processes, self.process_index = num_processes, process_index
+        self.layout, self.seed, self.process_index = layout, seed, process_index
         self.group_by_length = group_by_length
-        self.effective_batch = micro_batch * accum_steps * num_processes
+        self.effective_batch = layout.effective_batch
+        self.batches_per_step = layout.loader_batches  # loader batches (micro-batches) per optimizer step
         self.epoch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.effective_batch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -326,18 +334,19 @@ class WindowBatchSampler:
         return windows
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.effective_batch) * self.accum_steps
+        return self.steps_per_epoch * self.batches_per_step
 
     def __iter__(self) -> Iterator[list[tuple[int, float]]]:
-        parts = self.accum_steps * self.num_processes
+        processes = self.layout.processes
+        parts = self.batches_per_step * processes
         for window in self.windows():
             weight = 1.0 / len(window)
-            if len(window) < parts:  # pad with weight-0 copies so every process gets its accum_steps micro-batches
+            if len(window) < parts:  # pad with weight-0 copies so every process gets its batches_per_step batches
                 rows = [(int(i), weight) for i in window] + [(int(window[0]), 0.0)] * (parts - len(window))
                 micro_batches = [[row] for row in rows]
             else:
                 micro_batches = [[(int(i), weight) for i in chunk] for chunk in np.array_split(window, parts)]
-            yield from micro_batches[self.process_index::self.num_processes]
+            yield from micro_batches[self.process_index::processes]
 
 
 class WeightedRows(torch.utils.data.Dataset):
@@ -355,6 +364,72 @@ class WeightedRows(torch.utils.data.Dataset):
                 for i in range(len(keys))]
 
 
+class PackedRows(torch.utils.data.Dataset):
+    """The training rows as flat token arrays, read by a WindowBatchSampler: each micro-batch comes out as one packed
+    row (exp_1/packing.py), gathered with numpy in a few vectorised operations, without a Python loop over reviews
+    or tokens or a tensor built from lists (what a GPU step at batch 32 otherwise waits for).
+
+    With `slots` (train.cuda_graphs: the most reviews a micro-batch holds) every row has a fixed layout, so that a
+    compiled step sees only a few shapes and no changing number: the tokens are padded to a multiple of
+    packing.BUCKET, the boundaries have `slots` review entries (unused ones empty) and then the padding cut into
+    sequences of at most `max_length` tokens, max_seqlen is `max_length`, and unused slots get loss weight 0."""
+
+    def __init__(self, rows: datasets.Dataset, slots: int | None = None, max_length: int = 512):
+        self.slots, self.max_length = slots, max_length
+        table = rows.with_format("arrow")[:]
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy().astype(np.int64)
+        self.offsets = offsets - offsets[0]
+        self.tokens = ids.flatten().to_numpy().astype(np.int32)
+        self.token_types = (table.column("token_type_ids").combine_chunks().flatten().to_numpy().astype(np.int8)
+                            if "token_type_ids" in table.column_names else None)
+        self.labels = table.column("label").to_numpy().astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, keys: list[tuple[int, float]]) -> dict:
+        index = np.fromiter((i for i, _ in keys), dtype=np.int64, count=len(keys))
+        starts, lengths = self.offsets[index], self.offsets[index + 1] - self.offsets[index]
+        cu_seqlens = np.zeros(len(keys) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        positions = np.arange(cu_seqlens[-1], dtype=np.int64) - np.repeat(cu_seqlens[:-1], lengths)
+        gather = np.repeat(starts, lengths) + positions
+        labels, weights = self.labels[index], np.fromiter((w for _, w in keys), dtype=np.float32, count=len(keys))
+        batch = {"input_ids": self.tokens[gather].astype(np.int64), "position_ids": positions,
+                 "cu_seqlens": cu_seqlens, "max_seqlen": int(lengths.max()), "labels": labels, "loss_weight": weights}
+        if self.token_types is not None:
+            batch["token_type_ids"] = self.token_types[gather].astype(np.int64)
+        if self.slots:
+            batch = self._bucketed(batch)
+        batch["num_tokens"] = len(batch["input_ids"])
+        for name in ("input_ids", "position_ids", "token_type_ids"):
+            if name in batch:
+                batch[name] = torch.from_numpy(batch[name])[None]
+        for name in ("cu_seqlens", "labels", "loss_weight"):
+            batch[name] = torch.from_numpy(batch[name])
+        return batch
+
+    def _bucketed(self, batch: dict) -> dict:
+        from exp_1.packing import BUCKET
+
+        n, real = len(batch["labels"]), int(batch["cu_seqlens"][-1])
+        pad = -(-real // BUCKET) * BUCKET - real
+        segments = -(-(BUCKET - 1) // self.max_length)  # enough sequences of <= max_length for any padding
+        cu = np.full(self.slots + 1 + segments, real, dtype=np.int32)
+        cu[:n + 1] = batch["cu_seqlens"]
+        cu[self.slots + 1:] = real + np.minimum(self.max_length * np.arange(1, segments + 1), pad)
+        fill = np.zeros(pad, dtype=np.int64)
+        out = {"input_ids": np.concatenate([batch["input_ids"], fill]),
+               "position_ids": np.concatenate([batch["position_ids"], np.arange(pad) % self.max_length]),
+               "cu_seqlens": cu, "max_seqlen": self.max_length, "num_reviews": self.slots,
+               "labels": np.zeros(self.slots, dtype=np.int64), "loss_weight": np.zeros(self.slots, dtype=np.float32)}
+        out["labels"][:n], out["loss_weight"][:n] = batch["labels"], batch["loss_weight"]
+        if "token_type_ids" in batch:
+            out["token_type_ids"] = np.concatenate([batch["token_type_ids"], fill])
+        return out
+
+
 @dataclass
 class Loaders:
     sampler: WindowBatchSampler  # call sampler.set_epoch(epoch) before each epoch
@@ -365,17 +440,16 @@ class Loaders:
 
 # Each loader has its own generator: starting to iterate a DataLoader draws a seed from its generator, and from the
 # global one that dropout uses if it has none, which would make a resumed run's dropout masks differ.
-def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, layout: tuple[int, int], num_processes: int = 1,
-                 process_index: int = 0, device: torch.device = torch.device("cpu"), packed: bool = False) -> Loaders:
-    """`layout`: (reviews per training batch, batches per optimizer step) on each process, from config.window_layout.
-    `packed`: training batches are packed rows (exp_1/packing.py); evaluation always pads."""
-    micro_batch, accum_steps = layout
-    if accum_steps * num_processes > len(splits.train):  # windows would be mostly weight-0 filler micro-batches
-        raise UserError(f"an optimizer step of {accum_steps} micro-batch(es) x {num_processes} process(es) needs at "
-                        f"least as many training reviews, and there are {len(splits.train)}; lower "
-                        "train.grad_accum_steps (or train.effective_batch_size), or train on more reviews")
-    sampler = WindowBatchSampler(splits.train["length"][:], micro_batch, accum_steps, cfg.seed, num_processes,
-                                 process_index, cfg.data.group_by_length)
+def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, layout: StepLayout, process_index: int = 0,
+                 device: torch.device = torch.device("cpu"), packed: bool = False) -> Loaders:
+    """Training batches cut by `layout` for process `process_index`. `packed`: training batches are packed rows
+    (exp_1/packing.py); evaluation always pads."""
+    parts = layout.loader_batches * layout.processes
+    if parts > len(splits.train):  # windows would be mostly weight-0 filler micro-batches
+        raise UserError(f"an optimizer step of {layout.loader_batches} micro-batch(es) x {layout.processes} "
+                        f"process(es) needs at least as many training reviews, and there are {len(splits.train)}; "
+                        "lower train.grad_accum_steps (or train.effective_batch_size), or train on more reviews")
+    sampler = WindowBatchSampler(splits.train["length"][:], layout, cfg.seed, process_index, cfg.data.group_by_length)
     return Loaders(sampler, make_train_loader(splits.train, sampler, tokenizer, cfg, device, packed),
                    make_eval_loader(splits.validation, tokenizer, cfg, device),
                    make_eval_loader(splits.test, tokenizer, cfg, device))
@@ -383,9 +457,17 @@ def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, layout: tuple[int, 
 
 def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, tokenizer, cfg: DictConfig,
                       device: torch.device = torch.device("cpu"), packed: bool = False) -> DataLoader:
-    collate = pack if packed else make_collator(tokenizer, cfg, device)
-    return DataLoader(WeightedRows(rows), batch_sampler=sampler, collate_fn=collate,
-                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    """Padded micro-batches (dynamic padding), or packed rows when `packed`, which come out of PackedRows whole (in
+    fixed-shape buckets with train.cuda_graphs)."""
+    slots = sampler.layout.loader_batch_size if cfg.train.cuda_graphs else None
+    dataset, collate = ((PackedRows(rows, slots, cfg.data.max_length), _whole) if packed else
+                        (WeightedRows(rows), make_collator(tokenizer, cfg, device)))
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+def _whole(batch: dict) -> dict:
+    return batch
 
 
 def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig,

@@ -21,7 +21,8 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from exp_1.config import UserError
+from exp_1.errors import UserError
+from exp_1.imdb_sentiment import pool
 from exp_1.packing import PACKED
 
 # Hub ids whose weights an installed package ships: loaded from the package, without the network.
@@ -48,12 +49,7 @@ class SentimentClassifier(nn.Module):
             return packed_logits(self, {"input_ids": input_ids, "token_type_ids": token_type_ids, **packed})
         extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # mean over real tokens only: padding must not dilute the average
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.head(self.dropout(pooled))
+        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
 
 
 def weighted_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -63,7 +59,7 @@ def weighted_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return (per_sample * batch["loss_weight"]).sum()
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen", "num_tokens")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen", "num_reviews")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -107,11 +103,52 @@ def load_model(cfg_model, data=None, packed: bool = False) -> tuple[PreTrainedTo
     override_dropout(config, cfg_model.attention_dropout, only="attention")
     attn_implementation = PACKED if packed else cfg_model.attn_implementation
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        raise UserError(f"model.name={cfg_model.name} is a {config.model_type} model with a decoder; choose an encoder "
+                        "such as BERT, ModernBERT or MiniLM")
     try:
         encoder = AutoModel.from_pretrained(path, config=config, **kwargs, **remote)
-    except (OSError, ValueError, ImportError) as err:
-        raise UserError(f"model.name={cfg_model.name}: {str(err).strip().splitlines()[0][:200]}") from None
+    except (OSError, ValueError, ImportError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"model.name={cfg_model.name}: cannot load its weights "
+                        f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})") from None
+    check_vocabulary(tokenizer, encoder, cfg_model.name)
     return tokenizer, SentimentClassifier(encoder, cfg_model.pooling, cfg_model.dropout)
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, encoder: nn.Module, name: str) -> None:
+    """The tokenizer must fit the model: every token id within its embeddings, and a real vocabulary (a folder
+    without tokenizer files gets a 5-token stand-in from transformers, and every review becomes [UNK]s); and the
+    model must run as an encoder on a review. Checked before anything is written."""
+    embeddings = encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise UserError(f"model.name={name}: its tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{embeddings} embeddings; the tokenizer and the weights do not belong together")
+    if len(tokenizer) * 2 < embeddings:
+        raise UserError(f"model.name={name}: its tokenizer has only {len(tokenizer)} tokens for the model's "
+                        f"{embeddings} embeddings; are the tokenizer files (tokenizer.json, vocab) missing from it?")
+    probe = tokenizer(["a good film"], return_tensors="pt")
+    takes_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
+    inputs = {k: v for k, v in probe.items() if k in ("input_ids", "attention_mask") or takes_types}
+    try:
+        with torch.no_grad():
+            hidden = encoder(**inputs).last_hidden_state
+    except (ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+        raise UserError(f"model.name={name} does not run as an encoder on a review ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}); choose an encoder "
+                        "such as BERT, ModernBERT or MiniLM") from None
+    if hidden.dim() != 3:
+        raise UserError(f"model.name={name} does not return one vector per token; choose an encoder")
+
+
+def checkpoint_activations(model: "SentimentClassifier") -> None:
+    """train.activation_checkpointing: the encoder keeps only each layer's input and recomputes the rest in the
+    backward pass. Non-reentrant checkpointing is the form that works under DDP and with packed rows' extra
+    arguments."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model.encoder, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.encoder.activation_checkpointing_enable(kwargs)
+    else:
+        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def check_lengths(data, tokenizer: PreTrainedTokenizerBase, limit: int, name: str) -> None:
@@ -174,18 +211,20 @@ def load_weights(model: nn.Module, path: Path, sha256: str | None = None) -> Non
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise UserError(f"{path} is damaged: its checksum differs from the one recorded when it was written")
+        raise UserError(f"{path} is damaged or replaced: its checksum differs from the one recorded when it was "
+                        "written, so its predictions could not be trusted")
     try:
         model.load_state_dict(load_safetensors(data))
     except (SafetensorError, RuntimeError) as err:
         raise UserError(f"{path} does not load into this model ({str(err).strip().splitlines()[0][:200]})") from None
 
 
-def compile_model(model: SentimentClassifier, packed: bool) -> None:
+def compile_model(model: SentimentClassifier, packed: bool, cuda_graphs: bool = False) -> None:
     """torch.compile in place, so checkpoints keep the plain model's keys. Packed rows change length and review count
-    every step: compiled once for any shape (dynamic shapes) rather than again for each new one. (Compiling layer by
-    layer instead took 55 s against 21 s for a small ModernBERT on the 2-core CPU.)"""
-    model.compile(dynamic=True if packed else None)
+    every step: compiled once for any shape (dynamic shapes) rather than again for each new one. The whole model is
+    compiled, not layer by layer (docs/performance.md has the measurement). With `cuda_graphs`, each of the few
+    bucketed shapes is recorded once as a CUDA graph and replayed (mode reduce-overhead; a no-op on a CPU)."""
+    model.compile(dynamic=True if packed else None, mode="reduce-overhead" if cuda_graphs else None)
 
 
 def save_pretrained_parts(model: SentimentClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -195,7 +234,8 @@ def save_pretrained_parts(model: SentimentClassifier, tokenizer: PreTrainedToken
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
-    """Rebuild a trained classifier from its run directory alone, no hub and no pickle."""
+    """Rebuild a trained classifier from its run directory alone, no hub and no pickle. The best checkpoint of a
+    finished run is verified against the checksum its metrics.json records."""
     run_dir = Path(run_dir)
     weights = run_dir / "checkpoints" / f"{which}.safetensors"
     if not weights.is_file():
@@ -211,5 +251,15 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[PreTrainedTokenizerBas
                         f"({type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})") from None
     kwargs = {"attn_implementation": head["attn_implementation"]} if head.get("attn_implementation") else {}
     model = SentimentClassifier(AutoModel.from_config(config, **kwargs), head["pooling"], head["dropout"])
-    load_weights(model, weights)
+    load_weights(model, weights, recorded_sha256(run_dir) if which == "best" else None)
     return tokenizer, model.eval()
+
+
+def recorded_sha256(run_dir: Path) -> str | None:
+    """The checksum of the best checkpoint recorded in a finished run's metrics.json (None before it finished, or
+    for runs from before it was recorded)."""
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics.get("best_sha256") if isinstance(metrics, dict) else None

@@ -1,15 +1,13 @@
 """Padding-free micro-batches: a micro-batch's reviews concatenated into one row, attention kept within each review.
 
-`pack` builds the row (per-review position ids, `cu_seqlens` boundaries, optional tail padding to a fixed token
-budget); `packed_logits` runs a SentimentClassifier on it. The encoder must use the attention implementation
-registered here, PACKED (`enable_packed_attention(encoder)`, or `attn_implementation=PACKED` when loading): on CUDA in
-fp16/bf16 it calls the flash varlen kernel, elsewhere a block-diagonal SDPA reference. A model switched to it still
-runs ordinary padded batches exactly as SDPA does, so evaluation and prediction need not pack.
+`exp_1.data.PackedRows` builds the row (per-review position ids and `cu_seqlens` boundaries); `packed_logits` runs a
+SentimentClassifier on it. The encoder must be loaded with the attention implementation registered here
+(`attn_implementation=PACKED`): on CUDA in fp16/bf16 it calls the flash varlen kernel, elsewhere a block-diagonal SDPA
+reference. A model loaded so still runs ordinary padded batches exactly as SDPA does, so evaluation and prediction
+need not pack.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -17,39 +15,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from exp_1.errors import UserError
+
 PACKED = "packed_varlen"
-
-
-def pack(features: list[dict], budget: int | None = None) -> dict:
-    """One row of all reviews' tokens (as tokenised, special tokens included), padded at the end to `budget` tokens
-    when given. `cu_seqlens` (int32, n+1) bounds the reviews only; tokens past `num_tokens` are padding."""
-    lengths = [len(f["input_ids"]) for f in features]
-    num_tokens = sum(lengths)
-    if budget is not None and num_tokens > budget:
-        raise ValueError(f"{len(features)} reviews of {num_tokens} tokens do not fit a budget of {budget} tokens")
-    pad = (budget or num_tokens) - num_tokens
-
-    def row(values) -> torch.Tensor:  # padding takes id 0 and position 0: it only ever attends to itself
-        return torch.tensor([list(itertools.chain(*values)) + [0] * pad])
-
-    batch = {
-        "input_ids": row(f["input_ids"] for f in features),
-        "position_ids": row(range(n) for n in lengths),
-        "cu_seqlens": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
-        "max_seqlen": max(lengths),
-        "num_tokens": num_tokens,
-    }
-    if "token_type_ids" in features[0]:
-        batch["token_type_ids"] = row(f["token_type_ids"] for f in features)
-    if "labels" in features[0] or "label" in features[0]:  # raw dataset rows say `label`, like the padding collator
-        batch["labels"] = torch.tensor([f.get("labels", f.get("label")) for f in features])
-    if "loss_weight" in features[0]:
-        batch["loss_weight"] = torch.tensor([f["loss_weight"] for f in features], dtype=torch.float32)
-    return batch
+BUCKET = 1024  # train.cuda_graphs: packed rows are padded to a multiple of this many tokens, so that a few shapes
+# (one CUDA graph each) serve every step; at batch 32 (~8,600 real tokens) that is ~6% padding
 
 
 def select(batch: dict, first: int, stop: int) -> dict:
-    """Reviews first..stop-1 of a packed batch (without tail padding), as a packed batch of their own."""
+    """Reviews first..stop-1 of a packed batch, as a packed batch of their own."""
     cu = batch["cu_seqlens"]
     start, end = int(cu[first]), int(cu[stop])
     part = {**batch, "cu_seqlens": cu[first:stop + 1] - start, "num_tokens": end - start}
@@ -64,27 +38,27 @@ def select(batch: dict, first: int, stop: int) -> dict:
 
 
 def packed_logits(classifier, batch: dict) -> torch.Tensor:
-    """Logits (n reviews, labels) of a packed batch, pooled per review like SentimentClassifier.forward pools rows."""
+    """Logits (one per review slot, labels) of a packed batch, pooled per review like SentimentClassifier.forward
+    pools rows. A bucketed row (`num_reviews` slots, see exp_1.data.PackedRows) also holds empty review slots and
+    padding sequences after them: they pool to zeros or padding, and their loss weight is 0."""
     input_ids = batch["input_ids"]
     total = input_ids.shape[1]
     cu, max_len = batch["cu_seqlens"], batch["max_seqlen"]
-    if total > batch["num_tokens"]:  # the tail padding becomes a sequence of its own, so every token has a segment
-        cu = F.pad(cu, (0, 1), value=total)
-        max_len = max(max_len, total - batch["num_tokens"])
     takes_types = classifier.takes_token_type_ids and "token_type_ids" in batch
     extra = {"token_type_ids": batch["token_type_ids"]} if takes_types else {}
     # no attention_mask: nothing is padded within a review, and the PACKED mask builder then builds no mask at all
     hidden = classifier.encoder(input_ids=input_ids, position_ids=batch["position_ids"], cu_seq_lens_q=cu,
                                 cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len,
                                 **extra).last_hidden_state[0]
-    starts = batch["cu_seqlens"].long()
-    n = starts.shape[0] - 1
+    n = batch.get("num_reviews") or cu.shape[0] - 1
+    reviews = cu[:n + 1]
+    starts = reviews.long()
     if classifier.pooling == "cls":
-        pooled = hidden[starts[:-1]]
-    else:  # segment mean; padding tokens fall in segment n and are dropped
-        segment = segment_ids(batch["cu_seqlens"], total)
+        pooled = hidden[starts[:-1].clamp(max=total - 1)]  # an empty slot past the last token: weight 0 anyway
+    else:  # segment mean; tokens after the last review (padding) fall in segment n and are dropped
+        segment = segment_ids(reviews, total)
         sums = hidden.new_zeros(n + 1, hidden.shape[-1]).index_add_(0, segment, hidden)[:n]
-        pooled = sums / (starts[1:] - starts[:-1]).unsqueeze(-1).to(hidden.dtype)
+        pooled = sums / (starts[1:] - starts[:-1]).clamp(min=1).unsqueeze(-1).to(hidden.dtype)
     return classifier.head(classifier.dropout(pooled))
 
 
@@ -95,11 +69,6 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     marks = torch.zeros(total + 1, dtype=torch.int64, device=cu_seqlens.device)
     marks.index_add_(0, cu_seqlens[1:].long(), torch.ones_like(cu_seqlens[1:], dtype=torch.int64))
     return marks.cumsum(0)[:total]
-
-
-def enable_packed_attention(encoder) -> None:
-    """Switch a loaded HF encoder to PACKED attention (in place)."""
-    encoder.set_attn_implementation(PACKED)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -119,7 +88,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, head_dim) for t in (query, key, value))
     half = -1 if sliding_window is None else sliding_window - 1
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        # flash varlen kernel; UNTESTED on CPU-only machines (varlen_attn raises there), check on a GPU
+        # the flash varlen kernel (CUDA only: varlen_attn raises on a CPU); bench/gpu_check.py compares it with SDPA
         from torch.nn.attention.varlen import varlen_attn
 
         if dropout > 0:
@@ -147,6 +116,29 @@ def _reference_attention(q, k, v, cu_seqlens, scaling, dropout, half_window):
 def _packed_mask(*args, attention_mask=None, **kwargs):
     """Mask builder for PACKED: SDPA's for padded batches; none for packed rows, whose attention masks per sequence."""
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def check_cuda_graphs(train, packed: bool) -> None:
+    """train.cuda_graphs replays compiled packed steps of fixed shapes: it needs both, and whole steps."""
+    if train.cuda_graphs and not (train.compile and packed):
+        raise UserError("train.cuda_graphs replays compiled packed steps: it needs train.compile=true and packed rows "
+                        "(train.packing=true, or auto on a GPU in bf16/fp16 with model.attention_dropout=0)")
+    if train.cuda_graphs and train.micro_batch_tokens is not None:
+        raise UserError("train.cuda_graphs takes whole fixed-shape steps; set train.micro_batch_tokens=null with it")
+
+
+def use_packing(setting: str, model_cfg, device: torch.device, precision: str) -> bool:
+    """train.packing: true packs (on a CPU through the reference attention, exact but not faster); false pads; auto
+    packs where the flash varlen kernel runs and was measured faster (docs/performance.md): on CUDA in bf16 or fp16,
+    with model.attention_dropout set to 0 (the kernel has none) and no model.attn_implementation chosen."""
+    setting = setting.lower()
+    if setting == "true" and device.type == "cuda" and (model_cfg.attention_dropout or 0) > 0:
+        raise UserError("train.packing=true on a GPU needs model.attention_dropout=0: the flash varlen kernel has no "
+                        "attention dropout")
+    if setting == "auto":
+        return (device.type == "cuda" and precision in ("bf16", "fp16") and model_cfg.attention_dropout == 0
+                and not model_cfg.attn_implementation)
+    return setting == "true"
 
 
 AttentionInterface.register(PACKED, packed_attention)

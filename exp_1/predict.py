@@ -20,11 +20,14 @@ import numpy as np
 import torch
 
 from exp_1.cli import CliParser, run_cli
-from exp_1.config import UserError, load_config
+from exp_1.config import load_config
+from exp_1.errors import UserError
 from exp_1.data import make_collator, encode
 from exp_1.model import SentimentClassifier, load_run, model_inputs
-from exp_1.rundir import write_file
-from exp_1.utils import autocast, pick_device, pick_precision, to_device
+from exp_1.device import pick_device
+from exp_1.files import write_file
+from exp_1.precision import autocast, pick_precision
+from exp_1.train import to_device
 
 LABELS = ("negative", "positive")
 
@@ -61,10 +64,14 @@ def read_texts(path: Path) -> list[str]:
     if kind == ".txt":  # only newlines end a review (str.splitlines would also split at form feeds and the like)
         return [line.rstrip("\r") for line in content.split("\n") if line.strip()]
     if kind == ".csv":
+        csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is less than some reviews
         table = csv.DictReader(io.StringIO(content, newline=""))
-        if "text" not in (table.fieldnames or []):
-            raise UserError(f"--file {path}: no `text` column; found {', '.join(table.fieldnames or ['none'])}")
-        records = list(table)
+        try:
+            if "text" not in (table.fieldnames or []):
+                raise UserError(f"--file {path}: no `text` column; found {', '.join(table.fieldnames or ['none'])}")
+            records = list(table)
+        except csv.Error as err:
+            raise UserError(f"--file {path}: not a readable CSV file ({err})") from None
     elif kind == ".jsonl":
         records = []
         for number, line in enumerate(content.splitlines(), 1):

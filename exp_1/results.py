@@ -36,11 +36,14 @@ from matplotlib.figure import Figure
 
 from exp_1 import stats
 from exp_1.cli import CliParser, run_cli
-from exp_1.config import UserError
+from exp_1.errors import UserError
+from exp_1.files import sha256_of
+from exp_1.rundir import RunDir
 
 PROJECT = Path(__file__).resolve().parents[1]
 METRICS = ["script", "model", "effective_batch_size", "epochs", "optimizer_steps", "lr", "test_loss", "test_accuracy",
            "test_f1", "wall_seconds", "train_samples_per_s", "device", "precision", "num_processes"]  # what results use
+TEXT_METRICS = ("script", "model", "device", "precision")
 NOT_THE_CONFIGURATION = ("seed", "name", "tracking")  # runs differing only in these are seeds of one row
 LENGTH_EDGES = [0, 128, 256, 512, 1024]  # token-count bins of the accuracy-by-length analysis (plus each max_length)
 SIGNIFICANCE = 0.05
@@ -97,13 +100,18 @@ def find_runs(paths: list[Path]) -> list[Run]:
         if not path.is_dir():
             raise UserError(f"{path}: no such folder; pass run directories or folders of them (default: runs)")
         is_run = any((path / name).is_file() for name in ("run.json", "config.yaml", "metrics.json"))
+        if is_run and not RunDir(path).is_run():
+            raise UserError(f"{path} is not a run directory of this project (no valid run.json), so its files are not "
+                            "taken for results")
         if is_run and not (path / "metrics.json").is_file():
             print(f"skipped {path}: not finished (no metrics.json)")
         folders = [path] if is_run else sorted(p for p in path.iterdir() if p.is_dir())
         for folder in folders:
-            if (folder / "metrics.json").is_file() and folder.resolve() not in seen:  # a run named twice counts once
+            if RunDir(folder).is_finished() and folder.resolve() not in seen:  # a run named twice counts once
                 seen.add(folder.resolve())
                 runs.append(read_run(folder))
+            elif (folder / "metrics.json").is_file() and folder.resolve() not in seen:
+                print(f"skipped {folder}: not a run directory of this project (no valid run.json)")
     return runs
 
 
@@ -122,6 +130,16 @@ def read_run(folder: Path) -> Run:
     missing = [key for key in METRICS if key not in metrics]
     if missing:
         raise UserError(f"{folder / 'metrics.json'} lacks {', '.join(missing)}; was it written by this project?")
+    wrong = [key for key in METRICS if not isinstance(metrics[key], str if key in TEXT_METRICS else (int, float))
+             or isinstance(metrics[key], bool)]
+    if wrong or not str(metrics["script"]).startswith(("exp_1/", "exp_2/")):
+        raise UserError(f"{folder / 'metrics.json'} holds values of the wrong type ({', '.join(wrong) or 'script'}); "
+                        "was it written by this project?")
+    best = folder / "checkpoints" / "best.safetensors"
+    if metrics.get("best_sha256") and (not best.is_file() or sha256_of(best) != metrics["best_sha256"]):
+        raise UserError(f"{best} is damaged, replaced or missing (its checksum differs from the one in metrics.json): "
+                        "the run's results can no longer be reproduced from its weights; restore it, or train the "
+                        "run again")
     history = read("history.jsonl", _parse_history)
     config = read("config.yaml", yaml.safe_load) if (folder / "config.yaml").is_file() else {}
     if not isinstance(config, dict):
@@ -145,9 +163,16 @@ def _parse_history(text: str) -> list[dict]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError as err:
                 raise ValueError(f"line {number} is not JSON ({err.msg})") from None
+            numbers = {k: v for k, v in record.items() if k in ("step", "epoch") or k.startswith(("train/", "val/",
+                                                                                                 "test/"))} \
+                if isinstance(record, dict) else None
+            if numbers is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          for v in numbers.values()):
+                raise ValueError(f"line {number} is not a record of numbers")
+            records.append(record)
     return records
 
 

@@ -30,23 +30,26 @@ from typing import Optional
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from exp_1.config import PROJECT_NAME, PROJECT_ROOT, to_plain_dict
-from exp_1.rundir import RunDir, appending
+from exp_1.config import PROJECT_NAME, PROJECT_ROOT, StepLayout, to_plain_dict
+from exp_1.rundir import RunDir
 
 LABELS = ("negative", "positive")
 
 
-def run_facts(script: str, accum_steps: int, effective_batch: int, processes: int, lr: float, device: str,
-              precision: str, split: dict, packed: bool = False) -> dict:
-    """What a run derived from its config and machine: WandB's `derived` config section, and part of metrics.json."""
+def run_facts(script: str, layout: StepLayout, lr: float, device: str, precision: str, split: dict,
+              packed: bool = False) -> dict:
+    """What a run derived from its config and machine: WandB's `derived` config section, and part of metrics.json.
+    The optimizer step is recorded as configured: grad_accum_steps micro-batches (forward passes cut by
+    micro_batch_tokens instead, when that is set) on each of num_processes processes."""
     import accelerate
     import torch
     import transformers
 
     sizes = {name: len(split[name]) for name in ("train", "validation", "test")}
     indices = json.dumps([split["train"], split["validation"], split["test"], split["combined_size"]])
-    return {"script": script, "accum_steps": accum_steps, "effective_batch_size": effective_batch,
-            "num_processes": processes, "lr": lr, "device": device, "precision": precision, "packed": packed,
+    return {"script": script, "effective_batch_size": layout.effective_batch, "grad_accum_steps": layout.grad_accum_steps,
+            "micro_batch_tokens": layout.micro_batch_tokens, "num_processes": layout.processes, "lr": lr,
+            "device": device, "precision": precision, "packed": packed,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "accelerate": accelerate.__version__},
             "git_commit": git_commit(), "split_sizes": sizes,
@@ -96,10 +99,17 @@ class Tracker:
         """Everything to history.jsonl; to WandB all but counts (val/n), and only steps it has not seen yet."""
         if not self.active:
             return
-        appending(self.run.history, json.dumps({"step": step, **values, "time": round(time.time(), 3)}) + "\n")
+        self.run.append_history({"step": step, **values, "time": round(time.time(), 3)})
         if self._wandb() is not None and step >= self.new_from_step:
             with self._guard():
                 self.wandb_run.log({k: v for k, v in values.items() if not k.endswith("/n")}, step=step)
+
+    def preempted(self) -> None:
+        """Before stopping for SIGTERM: under a WandB sweep agent, the sweep then gives the run (same id, same
+        parameters, so the same run directory) to an agent again, which resumes it."""
+        if self.active and self._wandb() is not None and os.environ.get("WANDB_SWEEP_ID"):
+            with self._guard():
+                self.wandb_run.mark_preempting()
 
     def finish(self, metrics: dict, test_rows: dict, texts: list[str], step: int) -> None:
         """The test record in history.jsonl; in WandB, the summary (each value once), a confusion matrix, the most
@@ -107,8 +117,7 @@ class Tracker:
         if not self.active:
             return
         test = {f"test/{k[5:]}": v for k, v in metrics.items() if k.startswith("test_")}
-        appending(self.run.history, json.dumps({"step": step, **test, "test/n": metrics["n_test"],
-                                                "time": round(time.time(), 3)}) + "\n")
+        self.run.append_history({"step": step, **test, "test/n": metrics["n_test"], "time": round(time.time(), 3)})
         if self._wandb() is None:
             return
         import wandb
@@ -148,7 +157,7 @@ class Tracker:
                 import wandb
 
                 self.wandb_run = wandb.init(
-                    id=self.run.marker()["wandb_id"], resume="allow", name=self.cfg.name, project=choices["project"],
+                    id=wandb_run_id(self.run), resume="allow", name=self.cfg.name, project=choices["project"],
                     entity=choices["entity"], group=choices["group"], job_type=self.facts["script"], tags=tags,
                     dir=str(self.run.path), mode=attempt, config={**to_plain_dict(self.cfg), "derived": self.facts},
                     settings=wandb.Settings(init_timeout=30, silent=True))
@@ -207,6 +216,13 @@ class Tracker:
               "training continues, history.jsonl still records everything", file=sys.stderr)
 
 
+def wandb_run_id(run: RunDir) -> str:
+    """The run's own WandB id (run.json), or under a WandB sweep agent the agent's: WandB ignores any other id there."""
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    return run.marker()["wandb_id"]
+
+
 def _read_history(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -237,10 +253,10 @@ def resolve_wandb_mode(mode: str) -> str:
 def describe(cfg: DictConfig, facts: dict, steps_per_epoch: int) -> str:
     """The line a run prints before training: what trains on what, and how the effective batch is made."""
     sizes = facts["split_sizes"]
-    batch, tokens = facts["effective_batch_size"], cfg.train.micro_batch_tokens
+    batch, tokens = facts["effective_batch_size"], facts["micro_batch_tokens"]
     made = (f"{batch // facts['num_processes']} x {facts['num_processes']} process(es), in forward passes of "
             + ("as many tokens as fit" if tokens == "auto" else f"at most {tokens} tokens") if tokens else
-            f"{cfg.train.batch_size} x {facts['accum_steps']} accumulation x {facts['num_processes']} process(es)")
+            f"{cfg.train.batch_size} x {facts['grad_accum_steps']} accumulation x {facts['num_processes']} process(es)")
     return (f"{cfg.model.name} on {facts['device']} ({facts['precision']}): {sizes['train']} train / "
             f"{sizes['validation']} val / {sizes['test']} test reviews; effective batch {batch} = {made}; "
             f"lr {facts['lr']:.3g}; {steps_per_epoch} optimizer steps/epoch")
@@ -249,6 +265,8 @@ def describe(cfg: DictConfig, facts: dict, steps_per_epoch: int) -> str:
 def final_metrics(cfg: DictConfig, test: dict, state, facts: dict, throughput: dict, wall_seconds: float) -> dict:
     """metrics.json: the best checkpoint's test metrics, and what results tables and comparisons need."""
     return {**{f"test_{k}": test[k] for k in ("loss", "accuracy", "f1")}, "n_test": test["n"],
-            "best_epoch": state.best_epoch, f"best_val_{cfg.checkpoint.best_metric}": state.best_value,
-            "model": cfg.model.name, "epochs": cfg.train.epochs, "optimizer_steps": state.step, "seed": cfg.seed,
-            "split_seed": cfg.data.split_seed, **facts, **throughput, "wall_seconds": round(wall_seconds, 2)}
+            "best_epoch": state.best_epoch, "best_step": state.best_step,
+            f"best_val_{cfg.checkpoint.best_metric}": state.best_value, "best_sha256": state.best_sha256,
+            "stopped_early_at": state.stopped_early_at, "model": cfg.model.name, "epochs": cfg.train.epochs,
+            "optimizer_steps": state.step, "seed": cfg.seed, "split_seed": cfg.data.split_seed, **facts, **throughput,
+            "wall_seconds": round(wall_seconds, 2)}

@@ -1,12 +1,14 @@
-"""Training mechanics every entry script shares: optimizer, schedule, the backward/step of plain PyTorch, where
-training stands (`TrainingState`), the progress meter, and evaluation with per-review predictions."""
+"""Training mechanics every entry script shares: seeding, optimizer, schedule, the backward/step of plain PyTorch,
+where training stands (`TrainingState`), the progress meter, and evaluation with per-review predictions."""
 
 from __future__ import annotations
 
 import math
+import random
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -16,12 +18,23 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from exp_1.config import RunStopped
+from exp_1.errors import RunStopped
 from exp_1.model import model_inputs, weighted_loss
 from exp_1.packing import select
-from exp_1.utils import autocast, to_device
+from exp_1.precision import autocast
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device`; plain numbers (a packed batch's max_seqlen) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -31,7 +44,7 @@ def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[train.optimizer]
     fused = device.type in ("cuda", "cpu")
-    return optimizer_class(groups, lr=lr, fused=fused)
+    return optimizer_class(groups, lr=lr, betas=tuple(train.adam_betas), eps=train.adam_eps, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_steps: int):
@@ -40,6 +53,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_s
     warmup = min(math.ceil(total_steps * train.warmup_ratio), max(total_steps - 1, 0))
     return get_scheduler(SCHEDULES[train.scheduler], optimizer, num_warmup_steps=warmup,
                          num_training_steps=total_steps)
+
+
+def due(every: Optional[int], step: int) -> bool:
+    """Whether a thing done every `every` optimizer steps (None: never) is due at `step`."""
+    return bool(every) and step % every == 0
 
 
 class MicroBatches:
@@ -129,6 +147,7 @@ class Stepper:
                              lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # train.cuda_graphs: a new replay; otherwise nothing
         batch = to_device(batch, self.device)
         with autocast(self.device, self.precision):
             logits = self.model(**model_inputs(batch))
@@ -156,60 +175,82 @@ class TrainingState:
     """Where training stands and what it has done: what a resume point records besides the model, optimizer,
     schedule and RNG states."""
 
-    epoch: int = 1  # the epoch in progress (epochs + 1 once all are done)
+    epoch: int = 1  # the epoch in progress
     batches_done: int = 0  # micro-batches of that epoch this process has trained on
     step: int = 0  # optimizer steps so far
     samples: int = 0  # training samples seen, all processes together
     tokens: int = 0  # their real (non-padding) tokens
     train_seconds: float = 0.0
-    best_epoch: Optional[int] = None
+    best_step: Optional[int] = None  # the validation with the best checkpoint.best_metric so far
+    best_epoch: Optional[float] = None  # its fractional epoch (samples seen / training reviews)
     best_value: Optional[float] = None
     best_sha256: Optional[str] = None  # of checkpoints/best.safetensors, verified before the test
+    stale_validations: int = 0  # validations in a row without improving by more than early_stopping_min_delta
+    stopped_early_at: Optional[dict] = None  # {"step", "epoch"} once early stopping has stopped training
     unlogged: list = field(default_factory=list)  # (loss, grad norm) of steps since the last train log; device
     # tensors until settle() reads them back
     lr: float = 0.0  # the learning rate of the last optimizer step
 
-    def settle(self) -> float:
+    def settle(self, stop_requested: bool, reduce: Optional[Callable] = None) -> tuple[float, bool]:
         """Reads the unlogged steps' losses and gradient norms back from the device in one transfer (the only place
-        the host waits for it) and returns their mean loss: not finite if any step's loss was not."""
-        if not self.unlogged:
-            return 0.0
-        tensors = [v for pair in self.unlogged for v in pair if torch.is_tensor(v)]
-        read = iter(torch.stack([t.detach().double() for t in tensors]).tolist() if tensors else [])
-        self.unlogged = [tuple(next(read) if torch.is_tensor(v) else float(v) for v in pair) for pair in self.unlogged]
-        return sum(loss for loss, _ in self.unlogged) / len(self.unlogged)
+        the host waits for it). Returns their mean loss (not finite if any step's was not) and whether to stop.
+        `reduce` (Accelerate's, under several processes) sums what each process holds, its share of each loss and
+        its stop request, in the same single exchange, so that every process stops at the same step."""
+        pending = [i for i, (loss, _) in enumerate(self.unlogged) if torch.is_tensor(loss)]
+        losses = [self.unlogged[i][0].detach().double().reshape(()) for i in pending]
+        device = losses[0].device if losses else "cpu"
+        shared = torch.stack([*losses, torch.tensor(float(stop_requested), dtype=torch.float64, device=device)])
+        if reduce is not None:
+            shared = reduce(shared, "sum")
+        norms = [self.unlogged[i][1] for i in pending]
+        norms = [n.detach().double().reshape(()).to(shared.device) if torch.is_tensor(n) else
+                 torch.tensor(float(n), dtype=torch.float64, device=shared.device) for n in norms]
+        values = torch.cat([shared, torch.stack(norms) if norms else shared[:0]]).tolist()
+        for k, i in enumerate(pending):
+            self.unlogged[i] = (values[k], values[len(shared) + k])
+        stop = values[len(shared) - 1] > 0
+        return (sum(loss for loss, _ in self.unlogged) / len(self.unlogged) if self.unlogged else 0.0), stop
 
-    def record_validation(self, epoch: int, value: float, lower_is_better: bool, weights_sha256: str) -> bool:
-        """Closes the epoch; True when it is the best so far (its weights then become best.safetensors)."""
-        self.epoch, self.batches_done = epoch + 1, 0
-        if self.best_value is not None and not (value < self.best_value if lower_is_better else value > self.best_value):
+    def record_validation(self, value: float, lower_is_better: bool, weights_sha256: str, epoch: float,
+                          patience: Optional[int] = None, min_delta: float = 0.0) -> bool:
+        """True when this validation is the best so far (its weights then become best.safetensors). Counts the
+        validations without an improvement by more than `min_delta`, and after `patience` of them in a row stops
+        training early (`stopped_early_at`)."""
+        gain = None if self.best_value is None else (self.best_value - value if lower_is_better else value - self.best_value)
+        self.stale_validations = 0 if gain is None or gain > min_delta else self.stale_validations + 1
+        if patience is not None and self.stale_validations >= patience:
+            self.stopped_early_at = {"step": self.step, "epoch": epoch}
+        if gain is not None and not gain > 0:
             return False
-        self.best_epoch, self.best_value, self.best_sha256 = epoch, value, weights_sha256
+        self.best_step, self.best_epoch, self.best_value, self.best_sha256 = self.step, epoch, value, weights_sha256
         return True
 
 
-def diverged(loss: float, state: TrainingState) -> RunStopped:
-    return RunStopped(f"the training loss is {loss} at optimizer step {state.step} (epoch {state.epoch}); the last "
-                      "resume point and checkpoints are kept. Lower train.lr, keep train.max_grad_norm, or use "
-                      "train.precision=fp32 or bf16")
-
-
 class Meter:
-    """The progress bar, and what training has done: each optimizer step adds its window's samples and tokens (all
-    processes, known from the sampler, so nothing is communicated) and its time to the state."""
+    """Progress on screen and what training has done: each optimizer step adds its window's samples and tokens (all
+    processes, known from the sampler, so nothing is communicated) and its time to the state. `progress` is
+    train.progress as `progress_mode` resolved it: a bar, plain lines (one at a log step at most every
+    LINE_SECONDS), or nothing; `show` is False on processes that stay quiet."""
 
-    def __init__(self, state: TrainingState, sampler, show: bool = True):
-        self.state, self.sampler, self.show = state, sampler, show
+    LINE_SECONDS = 5.0
+
+    def __init__(self, state: TrainingState, sampler, progress: str = "bar", show: bool = True):
+        self.state, self.sampler = state, sampler
+        self.progress = progress if show else "none"
         self._bar = None
         self._clock = time.perf_counter()
+        self._last_line = -math.inf
         self._logged = (state.samples, state.tokens, state.train_seconds)
 
     def epoch(self, loader, epoch: int):
         """The epoch's micro-batches, from the first one the state has not trained on yet."""
+        if epoch != self.state.epoch:
+            self.state.epoch, self.state.batches_done = epoch, 0
         skip = self.state.batches_done
         self._windows = self.sampler.window_totals()
         self._bar = tqdm(skip_first_batches(loader, skip) if skip else loader, desc=f"epoch {epoch}", unit="batch",
-                         dynamic_ncols=True, mininterval=1.0, disable=not self.show, initial=skip, total=len(loader))
+                         dynamic_ncols=True, mininterval=1.0, disable=self.progress != "bar", initial=skip,
+                         total=len(loader))
         self._clock = time.perf_counter()
         for batch in self._bar:
             self.state.batches_done += 1
@@ -219,7 +260,7 @@ class Meter:
         """After each optimizer step, with the window's mean loss and the gradient norm before clipping (numbers, or
         device tensors left unread until TrainingState.settle) and the learning rate the step used."""
         state = self.state
-        samples, tokens = self._windows[state.batches_done // self.sampler.accum_steps - 1]
+        samples, tokens = self._windows[state.batches_done // self.sampler.batches_per_step - 1]
         state.step += 1
         state.samples += int(samples)
         state.tokens += int(tokens)
@@ -229,21 +270,36 @@ class Meter:
         state.unlogged.append((loss, grad_norm))
         state.lr = lr
 
+    def fractional_epoch(self) -> float | int:
+        """Epochs of training samples seen: a whole number at an epoch's end, so that records read 1, 2, 3."""
+        epoch = round(self.state.samples / self.sampler.num_samples, 6)
+        return int(epoch) if epoch == int(epoch) else epoch
+
     def train_record(self) -> dict:
-        """The mean loss and gradient norm of the steps since the last record, and where training stands."""
+        """The mean loss and gradient norm of the steps since the last record (settled), and where training stands."""
         state = self.state
         samples, tokens, seconds = self._logged
-        state.settle()
         losses, grad_norms = zip(*state.unlogged)
         state.unlogged = []
         self._logged = (state.samples, state.tokens, state.train_seconds)
         tokens_per_s = (state.tokens - tokens) / max(state.train_seconds - seconds, 1e-9)
         record = {"train/loss": sum(losses) / len(losses), "train/lr": state.lr,
                   "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/samples": state.samples,
-                  "train/epoch": round(state.samples / self.sampler.num_samples, 6), "train/tokens_per_s": round(tokens_per_s, 1)}
-        if self._bar is not None:
+                  "train/epoch": self.fractional_epoch(), "train/tokens_per_s": round(tokens_per_s, 1)}
+        if self._bar is not None and self.progress == "bar":
             self._bar.set_postfix(loss=f"{record['train/loss']:.4f}", tokens_s=f"{tokens_per_s:.0f}", refresh=False)
+        elif self.progress == "lines" and time.monotonic() - self._last_line >= self.LINE_SECONDS:
+            self._last_line = time.monotonic()
+            total = self.sampler.steps_per_epoch
+            done = state.batches_done // self.sampler.batches_per_step
+            print(f"epoch {state.epoch} step {done}/{total} (optimizer step {state.step}): loss "
+                  f"{record['train/loss']:.4f}, lr {state.lr:.3g}, {tokens_per_s:,.0f} tokens/s", flush=True)
         return record
+
+    def validation_record(self, metrics: dict) -> dict:
+        """A validation's metrics, at the fractional epoch and the samples seen (WandB plots val/* against epoch)."""
+        return {"epoch": self.fractional_epoch(), **{f"val/{k}": v for k, v in metrics.items()},
+                "val/samples": self.state.samples}
 
     def pause(self) -> None:
         """Time spent from here to the next step (validation, checkpoints) is not training time."""
@@ -254,6 +310,25 @@ class Meter:
         return {"train_seconds": round(self.state.train_seconds, 2),
                 "train_samples_per_s": round(self.state.samples / seconds, 3),
                 "train_tokens_per_s": round(self.state.tokens / seconds, 1)}
+
+
+def progress_mode(setting: str) -> str:
+    """train.progress: bar, lines or none; auto is a bar on a terminal and lines when standard output (or error, where
+    a bar is drawn) goes to a file: a bar's carriage returns fill a log file. Without a bar, the libraries' own bars
+    (tokenising, loading weights) are turned off too."""
+    mode = setting if setting != "auto" else "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "lines"
+    if mode != "bar":
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    return mode
+
+
+def validation_line(val: dict, record: dict, best: bool) -> str:
+    return (f"validation at epoch {record['epoch']}: loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} "
+            f"f1 {val['f1']:.4f}" + (" (best)" if best else ""))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

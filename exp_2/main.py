@@ -2,17 +2,21 @@
 step differs: it comes after every `grad_accum_steps` micro-batches instead of after every batch.
 
     python exp_2/main.py --config configs/exp2_eb256.yaml [dotted.key=value ...]
+
+Lines of the loop that differ from exp_1/main.py or exp_2/main_accelerate.py end with a tag saying why:
+[accumulation], [plain PyTorch]. tests/test_loops.py keeps the rest of the three loops identical.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 
 from omegaconf import DictConfig
 
 from exp_1.cli import Preemption, parse_and_load, run_cli
-from exp_1.config import CONFIG_DIR, scaled_lr, window_layout
+from exp_1.config import CONFIG_DIR, scaled_lr, step_layout
 
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 
@@ -20,116 +24,136 @@ DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
     # Imported here, not at the top: --help, --print-config and config errors answer before torch loads (~3 s).
     from exp_1.data import make_loaders, prepare_data, review_starts
-    from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
-    from exp_1.rundir import ResumePoints, RunDir, write_predictions
+    from exp_1.device import pick_device
+    from exp_1.errors import Diverged, Preempted
+    from exp_1.model import Weights, checkpoint_activations, compile_model, load_model, load_weights
+    from exp_1.packing import check_cuda_graphs, use_packing
+    from exp_1.precision import pick_precision
+    from exp_1.resume import ResumePoints
+    from exp_1.rundir import RunDir
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
-    from exp_1.train import Meter, MicroBatches, Stepper, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
-    from exp_1.utils import pick_device, pick_precision, seed_everything, use_packing
+    from exp_1.train import (Meter, MicroBatches, Stepper, TrainingState, build_optimizer, build_scheduler, due,
+                             evaluate, progress_mode, seed_everything, validation_line)
 
     started = time.time()
-    micro_batch, accum_steps = window_layout(cfg.train)
+    layout = step_layout(cfg.train)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only: what could not be started, replaced or continued stops here
     seed_everything(cfg.seed)
+    progress = progress_mode(cfg.train.progress)
 
     # device
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     packed = use_packing(cfg.train.packing, cfg.model, device, precision)
+    check_cuda_graphs(cfg.train, packed)
 
     # model and data, checked before the run directory is touched; the sampler cuts every optimizer-step window
-    # into exactly `accum_steps` micro-batches (one whole window with train.micro_batch_tokens, which the stepper
-    # cuts by tokens)
+    # into exactly `layout.loader_batches` micro-batches (one whole window with train.micro_batch_tokens, which the
+    # stepper cuts into forward passes by tokens)
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
     model.to(device)
+    if cfg.train.activation_checkpointing:
+        checkpoint_activations(model)
     if cfg.train.compile:
-        compile_model(model, packed)
+        compile_model(model, packed, cfg.train.cuda_graphs)
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    loaders = make_loaders(splits, tokenizer, cfg, (micro_batch, accum_steps), device=device, packed=packed)
+    loaders = make_loaders(splits, tokenizer, cfg, layout, device=device, packed=packed)
 
     # optimizer and schedule, sized in optimizer steps
-    lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
+    lr = scaled_lr(cfg.train, layout.effective_batch)
     optimizer = build_optimizer(model, cfg.train, lr, device)
-    steps_per_epoch = len(loaders.sampler) // accum_steps
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
+    scheduler = build_scheduler(optimizer, cfg.train, loaders.sampler.steps_per_epoch * cfg.train.epochs)
     stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm,
                       MicroBatches(cfg.train.micro_batch_tokens))
 
-    # the run directory: this process becomes its only writer; a new run, or the newest verified resume point
-    run.create(cfg, resume, overwrite)
-    points = ResumePoints(run, layout={"script": "exp_2/main.py", "processes": 1, "accum_steps": accum_steps})
-    if resume:
-        state = TrainingState(**points.load(model, optimizer, scheduler, stepper.scaler))
-    else:
-        state = TrainingState()
-        save_pretrained_parts(model, tokenizer, run.model_dir)
-        run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
+    # the run directory: this process is its only writer until the run ends; a new run, or the newest verified
+    # resume point
+    with run.writer(cfg, resume, overwrite, splits.record):
+        points = ResumePoints(run, {"script": "exp_2/main.py", **asdict(layout)}, model, optimizer, scheduler,
+                              stepper.scaler)
+        if resume:
+            state = TrainingState(**points.load())
+        else:
+            state = TrainingState()
+            run.save_model_parts(model, tokenizer)
+            run.write_json("split.json", splits.record, indent=None)  # ~50k indices: one line
 
-    # tracking: history.jsonl and WandB
-    facts = run_facts("exp_2/main.py", accum_steps, loaders.sampler.effective_batch, 1, lr, device.type, precision,
-                      splits.record, packed)
-    tracker = Tracker(run, cfg, facts)
-    meter = Meter(state, loaders.sampler)
-    print(describe(cfg, facts, steps_per_epoch))
+        # tracking: history.jsonl and WandB
+        facts = run_facts("exp_2/main.py", layout, lr, device.type, precision, splits.record, packed)
+        tracker = Tracker(run, cfg, facts)
+        meter = Meter(state, loaders.sampler, progress)
+        print(describe(cfg, facts, loaders.sampler.steps_per_epoch))
 
-    for epoch in range(state.epoch, cfg.train.epochs + 1):
-        loaders.sampler.set_epoch(epoch)
-        model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
-        window_loss = 0.0
-        for batch in meter.epoch(loaders.train, epoch):
-            # each micro-batch adds sum(loss x 1 / samples in its window) to the gradients, so after the window's
-            # last one the gradient is the window's mean, exactly as for one big batch (also the smaller last window)
-            window_loss += stepper.forward_backward(batch)
-            if state.batches_done % accum_steps:
-                continue
-            step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
-            grad_norm = stepper.optimizer_step()
-            meter.step_done(window_loss, grad_norm, step_lr)  # device tensors: the host waits only to log or save
-            window_loss = 0.0
-            log = state.step % cfg.train.log_every == 0
-            save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or Preemption.requested
-            if (log or save) and not math.isfinite(loss := state.settle()):
-                raise diverged(loss, state)  # before a resume point could keep the diverged weights
-            if log:
-                tracker.log(meter.train_record(), step=state.step)
-            if save:
-                points.save(Weights.of(model), optimizer, scheduler, stepper.scaler, state)
+        for epoch in range(state.epoch, cfg.train.epochs + 1):
+            if state.stopped_early_at:  # a resumed run that had stopped early goes straight to its test
+                break
+            loaders.sampler.set_epoch(epoch)
+            model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
+            window_loss = 0.0  # [accumulation]
+            for batch in meter.epoch(loaders.train, epoch):
+                # each micro-batch adds sum(loss x 1 / samples in its window) to the gradients, so after the window's
+                # last one the gradient is the window's mean, as for one big batch (also the smaller last window)
+                window_loss += stepper.forward_backward(batch)  # [accumulation]
+                if state.batches_done % layout.loader_batches:  # [accumulation]
+                    continue  # [accumulation]
+                step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
+                grad_norm = stepper.optimizer_step()  # [plain PyTorch]
+                meter.step_done(window_loss, grad_norm, step_lr)
+                window_loss = 0.0  # [accumulation]
+
+                # what this step logs, validates and saves; the host reads the device back only here
+                end_of_epoch = state.batches_done == len(loaders.train)
+                log = end_of_epoch or due(cfg.train.log_every, state.step)
+                validate = end_of_epoch or due(cfg.train.eval_every_steps, state.step)
+                save = validate or due(cfg.checkpoint.every_steps, state.step)
+                if not (log or save):
+                    continue
+                if validate:
+                    val, val_rows = evaluate(model, loaders.validation, device, precision)  # [plain PyTorch]
+                loss, stop = state.settle(Preemption.requested)  # [plain PyTorch]
+                if not math.isfinite(loss):  # before a resume point or checkpoint could keep the diverged weights
+                    raise Diverged(loss, state.step, epoch)
+                if log:
+                    tracker.log(meter.train_record(), step=state.step)
+                if validate:  # every validation is a candidate for the best checkpoint, and may stop training early
+                    record = meter.validation_record(val)
+                    weights = Weights.of(model, step=state.step, epoch=record["epoch"], **val)
+                    last = end_of_epoch and epoch == cfg.train.epochs  # nothing left to stop early
+                    best = state.record_validation(val[cfg.checkpoint.best_metric], cfg.checkpoint.best_metric == "loss",
+                                                   weights.sha256, record["epoch"],
+                                                   None if last else cfg.train.early_stopping_patience,
+                                                   cfg.train.early_stopping_min_delta)
+                    tracker.log(record, step=state.step)
+                    if best:  # [plain PyTorch]
+                        run.write_predictions("validation", val_rows, review_starts(splits.reviews, val_rows["index"]),
+                                              cfg.data.max_length)
+                # the resume point first, then last/best from the same bytes: a kill between the two is repaired
+                # from the point on --resume
+                if save or stop:
+                    points.save(weights if validate else Weights.of(model), state)
+                if validate:
+                    run.save_checkpoints(weights, best)
+                    print(validation_line(val, record, best))  # [plain PyTorch]
                 meter.pause()
-            if Preemption.requested:
-                raise Preemption.stop(state.step)
-        if state.unlogged:  # the epoch's last steps, when log_every does not divide them
-            if not math.isfinite(loss := state.settle()):
-                raise diverged(loss, state)
-            tracker.log(meter.train_record(), step=state.step)
+                if stop:  # SIGTERM, seen at the step's log, validation or save
+                    tracker.preempted()
+                    raise Preempted(state.step)
+                if state.stopped_early_at:
+                    print(f"early stopping: {state.stale_validations} validations without improving "  # [plain PyTorch]
+                          f"{cfg.checkpoint.best_metric} by more than {cfg.train.early_stopping_min_delta}")
+                    break
 
-        # validate, then checkpoint: the epoch's resume point first, then last/best from the same bytes, so a kill
-        # between the two is repaired from the point on --resume
-        val, val_rows = evaluate(model, loaders.validation, device, precision)
-        weights = Weights.of(model, epoch=epoch, **val)
-        best = state.record_validation(epoch, val[cfg.checkpoint.best_metric], cfg.checkpoint.best_metric == "loss",
-                                       weights.sha256)
-        tracker.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=state.step)
-        if best:
-            write_predictions(run.predictions / "validation.csv", val_rows,
-                              review_starts(splits.reviews, val_rows["index"]), cfg.data.max_length)
-        points.save(weights, optimizer, scheduler, stepper.scaler, state)
-        run.save_checkpoints(weights, best)
-        meter.pause()
-        print(f"epoch {epoch}: val loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} f1 {val['f1']:.4f}"
-              + (" (best)" if best else ""))
-        if Preemption.requested:
-            raise Preemption.stop(state.step)
-
-    # test the best checkpoint, verified against the checksum recorded when it was written
-    load_weights(model, run.best, state.best_sha256)
-    test, test_rows = evaluate(model, loaders.test, device, precision)
-    texts = review_starts(splits.reviews, test_rows["index"])
-    write_predictions(run.predictions / "test.csv", test_rows, texts, cfg.data.max_length)
-    metrics = final_metrics(cfg, test, state, facts, meter.throughput(), time.time() - started)
-    run.write_json("metrics.json", metrics)
-    tracker.finish(metrics, test_rows, texts, step=state.step)
-    print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on {test['n']} reviews "
-          f"(best epoch {state.best_epoch}); results in {run.path}")
+        # test the best checkpoint, verified against the checksum recorded when it was written
+        load_weights(model, run.best, state.best_sha256)
+        test, test_rows = evaluate(model, loaders.test, device, precision)  # [plain PyTorch]
+        metrics = final_metrics(cfg, test, state, facts, meter.throughput(), time.time() - started)
+        texts = review_starts(splits.reviews, test_rows["index"])
+        run.write_predictions("test", test_rows, texts, cfg.data.max_length)
+        run.write_json("metrics.json", metrics)
+        tracker.finish(metrics, test_rows, texts, step=state.step)
+    print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on "  # [plain PyTorch]
+          f"{test['n']} reviews (best at epoch {state.best_epoch}); results in {run.path}")
     return metrics
 
 

@@ -7,7 +7,8 @@
 Same data, model, windows and exact loss normalisation as exp_2/main.py; Accelerate adds processes, mixed precision,
 skipping the gradient all-reduce on non-final micro-batches (`accumulate`) and `gather_for_metrics`. With
 train.precision: auto, the mixed precision chosen by `accelerate launch --mixed_precision` or `accelerate config`
-is used.
+is used. Lines of the loop that differ from exp_2/main.py end with a tag saying why: [accelerate], [accumulation].
+tests/test_loops.py keeps the rest of the three loops identical.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
+from dataclasses import asdict
 from datetime import timedelta
 
 from omegaconf import DictConfig
 
 from exp_1.cli import Preemption, die_with_parent, parse_and_load, run_cli
-from exp_1.config import CONFIG_DIR, RunStopped, scaled_lr, window_layout
+from exp_1.config import CONFIG_DIR, scaled_lr, step_layout
+from exp_1.errors import LostPeer, RunStopped
 
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -35,11 +39,13 @@ def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimiz
     both undoes that, so the smaller last window of an epoch is not under-scaled. With train.micro_batch_tokens the
     batch is the process's whole window, run in forward passes of that many tokens: all but the last skip the
     all-reduce, so each process syncs once per window however many passes it needs."""
+    import torch
+
     from exp_1.model import model_inputs, weighted_loss
-    from exp_1.train import run_in_passes
-    from exp_1.utils import to_device
+    from exp_1.train import run_in_passes, to_device
 
     def one_pass(part: dict, last: bool):
+        torch.compiler.cudagraph_mark_step_begin()  # train.cuda_graphs: a new replay; otherwise nothing
         part = to_device(part, accelerator.device)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             loss = weighted_loss(model(**model_inputs(part)), part)
@@ -57,15 +63,19 @@ def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimiz
 
 def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
     # Imported here, not at the top: --help, --print-config and config errors answer before torch loads (~3 s).
-    import torch
     from accelerate import Accelerator, PartialState
 
     from exp_1.data import make_loaders, prepare_data, review_starts
-    from exp_1.model import Weights, compile_model, load_model, load_weights, save_pretrained_parts
-    from exp_1.rundir import ResumePoints, RunDir, write_predictions
+    from exp_1.device import pick_device
+    from exp_1.errors import Diverged, Preempted
+    from exp_1.model import Weights, checkpoint_activations, compile_model, load_model, load_weights
+    from exp_1.packing import check_cuda_graphs, use_packing
+    from exp_1.precision import launcher_precision, pick_precision
+    from exp_1.resume import ResumePoints
+    from exp_1.rundir import RunDir
     from exp_1.tracking import Tracker, describe, final_metrics, run_facts
-    from exp_1.train import Meter, MicroBatches, TrainingState, build_optimizer, build_scheduler, diverged, evaluate
-    from exp_1.utils import launcher_precision, pick_device, pick_precision, seed_everything, use_packing
+    from exp_1.train import (Meter, MicroBatches, TrainingState, build_optimizer, build_scheduler, due, evaluate,
+                             progress_mode, seed_everything, validation_line)
 
     started = time.time()
 
@@ -73,124 +83,145 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     # answering ends the run after train.peer_timeout seconds, not gloo's or NCCL's default half hour
     cpu = pick_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.train.peer_timeout))
-    precision = pick_precision(cfg.train.precision, processes.device, launcher=launcher_precision())
-    micro_batch, accum_steps = window_layout(cfg.train, processes.num_processes)
-    packed = use_packing(cfg.train.packing, cfg.model, processes.device, precision)
+    device = processes.device
+    precision = pick_precision(cfg.train.precision, device, launcher=launcher_precision())
+    layout = step_layout(cfg.train, processes.num_processes)
+    packed = use_packing(cfg.train.packing, cfg.model, device, precision)
+    check_cuda_graphs(cfg.train, packed)
     run = RunDir.of(cfg)
     run.check(cfg, resume, overwrite)  # read only, on every process: what could not be started stops here
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[precision],
-                              gradient_accumulation_steps=accum_steps)
+                              gradient_accumulation_steps=layout.loader_batches)
     is_main = accelerator.is_main_process
     seed_everything(cfg.seed)
+    progress = progress_mode(cfg.train.progress)
 
     # model and data, checked before the run directory is touched
     tokenizer, model = load_model(cfg.model, cfg.data, packed)
+    if cfg.train.activation_checkpointing:
+        checkpoint_activations(model)
     if cfg.train.compile:
-        compile_model(model, packed)
+        compile_model(model, packed, cfg.train.cuda_graphs)
     with accelerator.main_process_first():  # the first process tokenises and caches, the others read the cache
         splits = prepare_data(cfg, tokenizer, model.input_names)
     # The train loader is not prepared: Accelerate's sharding would top up uneven last batches with repeated
     # samples. The sampler deals each window's micro-batches to the processes itself.
-    loaders = make_loaders(splits, tokenizer, cfg, (micro_batch, accum_steps), accelerator.num_processes, accelerator.process_index,
-                           accelerator.device, packed)
+    loaders = make_loaders(splits, tokenizer, cfg, layout, accelerator.process_index, device, packed)
 
     # optimizer and schedule, sized in optimizer steps (the scheduler is stepped by hand, once per real step)
-    lr = scaled_lr(cfg.train, loaders.sampler.effective_batch)
-    optimizer = build_optimizer(model, cfg.train, lr, accelerator.device)
+    lr = scaled_lr(cfg.train, layout.effective_batch)
+    optimizer = build_optimizer(model, cfg.train, lr, device)
     micro_batches = MicroBatches(cfg.train.micro_batch_tokens)  # forward passes cut by tokens, when set
-    steps_per_epoch = len(loaders.sampler) // accum_steps
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
-    model, optimizer, val_loader, test_loader = accelerator.prepare(model, optimizer, loaders.validation, loaders.test)
-    plain_model = accelerator.unwrap_model(model)
+    scheduler = build_scheduler(optimizer, cfg.train, loaders.sampler.steps_per_epoch * cfg.train.epochs)
+    # `wrapped` trains (DDP under several processes); `model` is the same module unwrapped, for weights and eval
+    wrapped, optimizer, val_loader, test_loader = accelerator.prepare(model, optimizer, loaders.validation,
+                                                                      loaders.test)
 
-    # the run directory: the main process becomes its only writer; a new run, or the newest verified resume point
-    if is_main:
-        run.create(cfg, resume, overwrite)
-    accelerator.wait_for_everyone()
-    points = ResumePoints(run, {"script": "exp_2/main_accelerate.py", "processes": accelerator.num_processes,
-                                "accum_steps": accum_steps}, accelerator.process_index, accelerator.wait_for_everyone)
-    if resume:
-        state = TrainingState(**points.load(plain_model, optimizer, scheduler, accelerator.scaler))
-    else:
-        state = TrainingState()
-        if is_main:
-            save_pretrained_parts(plain_model, tokenizer, run.model_dir)
-            run.write_json("split.json", splits.record, indent=None)
-    accelerator.wait_for_everyone()
+    # the run directory: the main process is its only writer until the run ends; a new run, or the newest verified
+    # resume point
+    with run.writer(cfg, resume, overwrite, splits.record) if is_main else contextlib.nullcontext():
+        accelerator.wait_for_everyone()
+        points = ResumePoints(run, {"script": "exp_2/main_accelerate.py", **asdict(layout)}, model, optimizer,
+                              scheduler, accelerator.scaler, accelerator.process_index, accelerator.wait_for_everyone)
+        if resume:
+            state = TrainingState(**points.load())
+        else:
+            state = TrainingState()
+            if is_main:
+                run.save_model_parts(model, tokenizer)
+                run.write_json("split.json", splits.record, indent=None)
+        accelerator.wait_for_everyone()
 
-    # tracking: history.jsonl and WandB, on the main process
-    facts = run_facts("exp_2/main_accelerate.py", accum_steps, loaders.sampler.effective_batch,
-                      accelerator.num_processes, lr, accelerator.device.type, precision, splits.record, packed)
-    tracker = Tracker(run, cfg, facts, active=is_main)
-    meter = Meter(state, loaders.sampler, show=accelerator.is_local_main_process)
-    accelerator.print(describe(cfg, facts, steps_per_epoch) + f" ({accelerator.distributed_type})")
+        # tracking: history.jsonl and WandB, on the main process
+        facts = run_facts("exp_2/main_accelerate.py", layout, lr, device.type, precision, splits.record, packed)
+        tracker = Tracker(run, cfg, facts, active=is_main)
+        meter = Meter(state, loaders.sampler, progress, show=accelerator.is_local_main_process)
+        accelerator.print(describe(cfg, facts, loaders.sampler.steps_per_epoch) + f" ({accelerator.distributed_type})")
 
-    for epoch in range(state.epoch, cfg.train.epochs + 1):
-        loaders.sampler.set_epoch(epoch)
-        model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
-        window_loss = 0.0
-        for batch in meter.epoch(loaders.train, epoch):
-            # every window has exactly gradient_accumulation_steps micro-batches per process, so Accelerate's count
-            # of micro-batches marks the window's last one (sync_gradients) and skips the all-reduce before it
-            with accelerator.accumulate(model):
-                window_loss += backward_micro_batch(accelerator, model, batch, micro_batches, optimizer)
-                if not accelerator.sync_gradients:
+        for epoch in range(state.epoch, cfg.train.epochs + 1):
+            if state.stopped_early_at:  # a resumed run that had stopped early goes straight to its test
+                break
+            loaders.sampler.set_epoch(epoch)
+            model.train()  # from_pretrained returns the encoder in eval mode: without this its dropout would be off
+            window_loss = 0.0  # [accumulation]
+            for batch in meter.epoch(loaders.train, epoch):
+                # every window has exactly gradient_accumulation_steps micro-batches per process, so Accelerate's
+                # count of micro-batches marks the window's last one (sync_gradients) and skips the all-reduce before it
+                with accelerator.accumulate(wrapped):  # [accelerate]
+                    window_loss += backward_micro_batch(accelerator, wrapped, batch, micro_batches,  # [accelerate]
+                                                        optimizer)  # [accelerate]
+                    if not accelerator.sync_gradients:  # [accelerate]
+                        continue  # [accumulation]
+                    step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
+                    grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(),  # [accelerate]
+                                                            cfg.train.max_grad_norm or math.inf)  # [accelerate]
+                    optimizer.step()  # [accelerate]
+                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule advance [accelerate]
+                        scheduler.step()  # [accelerate]
+                    optimizer.zero_grad(set_to_none=True)  # [accelerate]
+                meter.step_done(window_loss, grad_norm, step_lr)
+                window_loss = 0.0  # [accumulation]
+
+                # what this step logs, validates and saves; the host reads the device back only here
+                end_of_epoch = state.batches_done == len(loaders.train)
+                log = end_of_epoch or due(cfg.train.log_every, state.step)
+                validate = end_of_epoch or due(cfg.train.eval_every_steps, state.step)
+                save = validate or due(cfg.checkpoint.every_steps, state.step)
+                if not (log or save):
                     continue
-                step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule advance
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            # one exchange per step: the window's mean loss (each process holds its share) and whether any process
-            # was asked to stop, so that all of them save the same resume point
-            shared = accelerator.reduce(torch.stack([window_loss.float(), torch.tensor(
-                float(Preemption.requested), device=accelerator.device)]), "sum").tolist()
-            loss, stop, window_loss = shared[0], shared[1] > 0, 0.0
-            meter.step_done(loss, float(grad_norm), step_lr)
-            if not math.isfinite(loss):
-                raise diverged(loss, state)
-            if state.step % cfg.train.log_every == 0:
-                tracker.log(meter.train_record(), step=state.step)
-            if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or stop:
-                points.save(Weights.of(plain_model), optimizer, scheduler, accelerator.scaler, state)
+                if validate:
+                    val, val_rows = evaluate(model, val_loader, device, precision,  # [accelerate]
+                                             accelerator.gather_for_metrics)  # [accelerate]
+                # all processes agree on the loss and on stopping in one exchange, so they stop at the same step
+                loss, stop = state.settle(Preemption.requested, accelerator.reduce)  # [accelerate]
+                if not math.isfinite(loss):  # before a resume point or checkpoint could keep the diverged weights
+                    raise Diverged(loss, state.step, epoch)
+                if log:
+                    tracker.log(meter.train_record(), step=state.step)
+                if validate:  # every validation is a candidate for the best checkpoint, and may stop training early
+                    record = meter.validation_record(val)
+                    weights = Weights.of(model, step=state.step, epoch=record["epoch"], **val)
+                    last = end_of_epoch and epoch == cfg.train.epochs  # nothing left to stop early
+                    best = state.record_validation(val[cfg.checkpoint.best_metric], cfg.checkpoint.best_metric == "loss",
+                                                   weights.sha256, record["epoch"],
+                                                   None if last else cfg.train.early_stopping_patience,
+                                                   cfg.train.early_stopping_min_delta)
+                    tracker.log(record, step=state.step)
+                    if best and is_main:  # [accelerate]
+                        run.write_predictions("validation", val_rows, review_starts(splits.reviews, val_rows["index"]),
+                                              cfg.data.max_length)
+                # the resume point first, then last/best from the same bytes: a kill between the two is repaired
+                # from the point on --resume
+                if save or stop:
+                    points.save(weights if validate else Weights.of(model), state)
+                if validate:
+                    if is_main:  # [accelerate]
+                        run.save_checkpoints(weights, best)
+                    accelerator.print(validation_line(val, record, best))  # [accelerate]
                 meter.pause()
-            if stop:
-                raise Preemption.stop(state.step)
-        if state.unlogged:  # the epoch's last steps, when log_every does not divide them
-            tracker.log(meter.train_record(), step=state.step)
+                if stop:  # SIGTERM, seen at the step's log, validation or save
+                    tracker.preempted()
+                    raise Preempted(state.step)
+                if state.stopped_early_at:
+                    accelerator.print(f"early stopping: {state.stale_validations} validations without improving "  # [accelerate]
+                                      f"{cfg.checkpoint.best_metric} by more than {cfg.train.early_stopping_min_delta}")
+                    break
 
-        # validate, then checkpoint: the epoch's resume point first, then last/best from the same bytes, so a kill
-        # between the two is repaired from the point on --resume
-        val, val_rows = evaluate(model, val_loader, accelerator.device, gather=accelerator.gather_for_metrics)
-        weights = Weights.of(plain_model, epoch=epoch, **val)  # on every process: all record the best's checksum
-        best = state.record_validation(epoch, val[cfg.checkpoint.best_metric], cfg.checkpoint.best_metric == "loss",
-                                       weights.sha256)
-        tracker.log({"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}}, step=state.step)
-        if best and is_main:
-            write_predictions(run.predictions / "validation.csv", val_rows,
-                              review_starts(splits.reviews, val_rows["index"]), cfg.data.max_length)
-        points.save(weights, optimizer, scheduler, accelerator.scaler, state)
-        if is_main:
-            run.save_checkpoints(weights, best)
-        meter.pause()
-        accelerator.print(f"epoch {epoch}: val loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} "
-                          f"f1 {val['f1']:.4f}" + (" (best)" if best else ""))
-
-    # test the best checkpoint, verified against the checksum recorded when it was written
-    accelerator.wait_for_everyone()
-    load_weights(plain_model, run.best, state.best_sha256)
-    test, test_rows = evaluate(model, test_loader, accelerator.device, gather=accelerator.gather_for_metrics)
-    metrics = final_metrics(cfg, test, state, facts, meter.throughput(), time.time() - started)
-    if is_main:
-        texts = review_starts(splits.reviews, test_rows["index"])
-        write_predictions(run.predictions / "test.csv", test_rows, texts, cfg.data.max_length)
-        run.write_json("metrics.json", metrics)
-        tracker.finish(metrics, test_rows, texts, step=state.step)
-    accelerator.wait_for_everyone()  # no process tears the process group down while another still writes or logs
-    accelerator.end_training()
-    accelerator.print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on "
-                      f"{test['n']} reviews (best epoch {state.best_epoch}); results in {run.path}")
+        # test the best checkpoint, verified against the checksum recorded when it was written
+        accelerator.wait_for_everyone()  # [accelerate]
+        load_weights(model, run.best, state.best_sha256)
+        test, test_rows = evaluate(model, test_loader, device, precision,  # [accelerate]
+                                   accelerator.gather_for_metrics)  # [accelerate]
+        metrics = final_metrics(cfg, test, state, facts, meter.throughput(), time.time() - started)
+        if is_main:  # [accelerate]
+            texts = review_starts(splits.reviews, test_rows["index"])
+            run.write_predictions("test", test_rows, texts, cfg.data.max_length)
+            run.write_json("metrics.json", metrics)
+            tracker.finish(metrics, test_rows, texts, step=state.step)
+        accelerator.wait_for_everyone()  # no process ends the process group while another still writes [accelerate]
+        accelerator.end_training()  # [accelerate]
+    accelerator.print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on "  # [accelerate]
+                      f"{test['n']} reviews (best at epoch {state.best_epoch}); results in {run.path}")
     return metrics
 
 
@@ -200,20 +231,24 @@ def main(argv=None) -> dict:
     args, cfg = parse_and_load(argv, __doc__, DEFAULT_CONFIG, launcher=True)
     try:
         return run_experiment(cfg, args.resume, args.overwrite)
-    except RuntimeError as err:  # torch.distributed: a peer process stopped answering, or died
+    except RuntimeError as err:
         if not _lost_peer(err):
             raise
-        raise RunStopped(f"another process of this run stopped answering ({str(err).strip().splitlines()[0][:160]}); "
-                         f"what was saved is kept: continue with --resume (train.peer_timeout={cfg.train.peer_timeout} "
-                         "s sets how long processes wait for each other)") from None
+        raise LostPeer(f"another process of this run stopped answering ({(str(err).strip().splitlines() or [type(err).__name__])[0][:160]}); "
+                       f"what was saved is kept: continue with --resume (train.peer_timeout={cfg.train.peer_timeout} "
+                       "s sets how long processes wait for each other)") from None
 
 
 def _lost_peer(err: RuntimeError) -> bool:
+    """A collective failed because another process died or stopped answering: torch.distributed's DistError, or, as
+    gloo raises its timeouts and closed connections in torch 2.13, a plain RuntimeError from the backend's own
+    transport (its message names gloo's or NCCL's source)."""
     import torch.distributed as dist
 
-    text = str(err).lower()
-    return isinstance(err, getattr(dist, "DistError", ())) or any(
-        words in text for words in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
+    if isinstance(err, dist.DistError):
+        return True
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return several and re.search(r"\bgloo\b|\bnccl\b|ProcessGroup", str(err), re.IGNORECASE) is not None
 
 
 def cli() -> None:

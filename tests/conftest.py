@@ -85,6 +85,28 @@ def synthetic_reviews(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def window_sampler(lengths, micro_batch: int, accum_steps: int, seed: int, num_processes: int = 1,
+                   process_index: int = 0, group_by_length: bool = True):
+    """A WindowBatchSampler of micro-batches of `micro_batch`, `accum_steps` of them per optimizer step and process."""
+    from exp_1.config import StepLayout
+    from exp_1.data import WindowBatchSampler
+
+    layout = StepLayout(micro_batch * accum_steps * num_processes, num_processes, accum_steps, None)
+    return WindowBatchSampler(lengths, layout, seed, process_index, group_by_length)
+
+
+def packed_batch(features: list[dict]) -> dict:
+    """The packed row of these tokenised reviews (input_ids, label, loss_weight; token_type_ids if given), as the
+    training loader builds it."""
+    import datasets
+
+    from exp_1.data import PackedRows
+
+    columns = [k for k in ("input_ids", "token_type_ids", "label") if k in features[0]]
+    rows = datasets.Dataset.from_list([{k: f[k] for k in columns} for f in features])
+    return PackedRows(rows).__getitems__([(i, f.get("loss_weight", 1.0)) for i, f in enumerate(features)])
+
+
 @pytest.fixture
 def reviews_dir(tmp_path) -> Path:
     return write_reviews(tmp_path / "reviews")
@@ -129,7 +151,7 @@ FORK_SERVER = r"""
 import json, os, signal, sys
 import torch
 import exp_1.main, exp_2.main, exp_2.main_accelerate
-import exp_1.data, exp_1.model, exp_1.rundir, exp_1.tracking, exp_1.train, exp_1.utils, accelerate, wandb
+import exp_1.data, exp_1.device, exp_1.model, exp_1.rundir, exp_1.tracking, exp_1.train, accelerate, wandb
 from transformers import BertModel, ModernBertModel  # imported lazily otherwise: ~3 s in every run
 from exp_1.cli import run_cli
 
@@ -179,7 +201,6 @@ class Forked:
         return any(Path(f"/proc/{pid}").exists() for pid in self.pids)
 
     def signal(self, signum: int) -> None:
-        import signal as signals
 
         for pid in self.pids:
             try:

@@ -16,12 +16,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from conftest import PROJECT, synthetic_reviews, tiny_config
+from conftest import PROJECT, synthetic_reviews, tiny_config, window_sampler
 from exp_1 import main as exp1
-from exp_1.config import UserError, load_config
-from exp_1.data import WindowBatchSampler, make_train_loader, prepare_data
+from exp_1.config import load_config
+from exp_1.errors import UserError
+from exp_1.data import make_train_loader, prepare_data
 from exp_1.model import load_model
-from exp_1.packing import PACKED
 from exp_1.train import MicroBatches, Stepper
 from exp_2 import main as exp2
 from exp_2.main_accelerate import backward_micro_batch
@@ -53,7 +53,7 @@ def setup(tmp_path_factory, tiny_bert, odd_reviews_dir):
 
 def _window_batches(setup, micro, accum, window, num_processes=1, process_index=0):
     cfg, tokenizer, _, splits = setup
-    sampler = WindowBatchSampler(splits.train["length"], micro, accum, seed=5, num_processes=num_processes,
+    sampler = window_sampler(splits.train["length"], micro, accum, seed=5, num_processes=num_processes,
                                  process_index=process_index)
     batches = list(make_train_loader(splits.train, sampler, tokenizer, cfg))
     return batches[window * accum:(window + 1) * accum]
@@ -174,7 +174,7 @@ def test_micro_batch_tokens_and_out_of_memory_splits_keep_the_window_gradient(se
         packed = load_model(cfg.model, packed=True)[1]
         packed.load_state_dict(model.state_dict())
         model = packed
-    sampler = WindowBatchSampler(splits.train["length"], 24, 1, seed=5)
+    sampler = window_sampler(splits.train["length"], 24, 1, seed=5)
     window = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg, packed=layout == "packed")))
     tokens = window["input_ids"].numel()
     reference, passes = _window_grads(model, window, MicroBatches(), path)
@@ -214,6 +214,7 @@ def _assert_same_run(a, b, weight_atol=1e-5):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < weight_atol
 
 
+@pytest.mark.slow
 def test_batch_12_and_4x3_end_the_same_in_exp1_exp2_and_accelerate(tmp_path, tiny_bert, odd_reviews_dir):
     config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir)
     runs = tmp_path / "runs"
@@ -228,6 +229,7 @@ def test_batch_12_and_4x3_end_the_same_in_exp1_exp2_and_accelerate(tmp_path, tin
     assert json.loads((runs / "acc_4x3" / "metrics.json").read_text())["effective_batch_size"] == 12
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_bert, odd_reviews_dir):
     config = tiny_config(tmp_path, tiny_bert, odd_reviews_dir)
     runs = tmp_path / "runs"
@@ -305,13 +307,14 @@ def test_micro_batch_tokens_change_speed_not_results(tmp_path, tiny_bert, odd_re
     _assert_same_run(runs / "micro4", runs / "auto_oom")
 
 
+@pytest.mark.slow
 def test_two_processes_with_uneven_token_passes_equal_one_process(setup, tmp_path, tiny_bert, odd_reviews_dir):
     """Under 2 processes each cuts its share of a window into forward passes by tokens, with a budget at which the
     process holding the longer reviews runs more passes in some windows; each still syncs gradients once per window."""
     cfg, tokenizer, _, splits = setup  # the same data, split and seed as the runs below
 
     def passes(budget, index):
-        sampler = WindowBatchSampler(splits.train["length"], 6, 1, cfg.seed, num_processes=2, process_index=index)
+        sampler = window_sampler(splits.train["length"], 6, 1, cfg.seed, num_processes=2, process_index=index)
         sampler.set_epoch(1)
         return [len(MicroBatches(str(budget)).cut(b)) for b in make_train_loader(splits.train, sampler, tokenizer, cfg)]
 

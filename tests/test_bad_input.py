@@ -4,7 +4,6 @@ no traceback, and the directory exactly as it was."""
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -109,22 +108,62 @@ CASES = {
     "resume with another script": ("exp1", ["--resume", "name=interrupted"], "was saved with {'script': 'accelerate'"),
     "a folder that is not a run": ("exp1", ["output_dir=DIR", "name=stars"], "exists and is not a run directory"),
     "a split left empty": ("exp1", ["data.split=[1000,1,1]"], "leaves no validation reviews out of 220"),
+    # what a run directory is, checked as deeply as what it holds
+    "overwriting a run with a file of its own below the top": (
+        "exp1", ["name=nested", "--overwrite"], "holds files this project did not write (checkpoints/my_backup"),
+    "overwriting a run with a link in it": ("exp1", ["name=linked", "--overwrite"],
+                                            "holds files this project did not write (model)"),
+    "a model folder without tokenizer files": ("exp1", ["model.name=MODELS/no_tokenizer"],
+                                               "are the tokenizer files (tokenizer.json, vocab) missing from it?"),
+    "a model with fewer embeddings than tokens": ("exp1", ["model.name=MODELS/small_vocab"],
+                                                  "tokens but the model only 1000 embeddings"),
+    "a model that is not an encoder": ("exp1", ["model.name=MODELS/t5"], "is a t5 model with a decoder"),
+    "damaged weights in model.name": ("exp1", ["model.name=MODELS/corrupt"], "cannot load its weights"),
+    "resume after the data changed": ("exp1", ["name=changed_data", "--resume"],
+                                      "now gives another split than the one this run was started on"),
+    "resume from another run's point": ("exp1", ["name=foreign_point", "--resume"],
+                                        "point-000001 is unusable (it belongs to another run)"),
+    "resume with a manifest of the wrong shape": ("exp1", ["name=null_manifest", "--resume"],
+                                                  "point-000001 is unusable (manifest.json is damaged)"),
+    "resume with a damaged config.yaml": ("exp1", ["name=bad_config", "--resume"], "config.yaml is missing or damaged"),
+    "a duplicate key in a config": ("exp1", ["--config", "DIR/twice.yaml"],
+                                    "key 'train' appears twice, at lines 1 and 3; keep one"),
+    "an override with a YAML syntax error": ("exp1", ["data.split=[1,1"], "the value is not valid YAML"),
+    "an override with a control character": ("exp1", ["name=a\x07b"], "the value is not valid YAML"),
+    "an override without a key": ("exp1", ["=x"], "'' is not a dotted config key"),
+    "an override with an empty key part": ("exp1", ["train..lr=1"], "'train..lr' is not a dotted config key"),
+    "a config nested too deeply": ("exp1", ["--config", "DIR/deep.yaml"], "is nested too deeply"),
+    "a name longer than a folder name may be": ("exp1", ["name=" + "n" * 300], "folder names take at most 255"),
+    "a path longer than the filesystem takes": ("exp1", ["output_dir=" + "/".join(["d" * 200] * 25)],
+                                                "too long for the filesystem"),
+    # the training controls
+    "negative patience": ("exp1", ["train.early_stopping_patience=-1"], "train.early_stopping_patience=-1 must be"),
+    "NaN min_delta": ("exp1", ["train.early_stopping_min_delta=nan"], "train.early_stopping_min_delta=nan must be"),
+    "validation every 0 steps": ("exp1", ["train.eval_every_steps=0"], "train.eval_every_steps=0 must be a positive"),
+    "a beta of 1": ("exp1", ["train.adam_betas=[0.9,1.0]"], "train.adam_betas=[0.9, 1.0] must be two decay rates"),
+    "three betas": ("exp1", ["train.adam_betas=[0.9,0.99,0.999]"], "must be two decay rates in [0, 1)"),
+    "eps of 0": ("exp1", ["train.adam_eps=0"], "train.adam_eps=0.0 must be a positive number"),
+    "an unknown progress mode": ("exp1", ["train.progress=fancy"], "train.progress='fancy' is not one of auto, bar"),
 }
 
 
-def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, damaged=False) -> None:
-    """A run directory as the project writes it: marker, config, and a resume point whose manifest matches."""
+def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, damaged=False, run_id="x") -> None:
+    """A run directory as the project writes it: marker, config, and a resume point whose manifest matches (and that
+    belongs to the run `run_id`)."""
     run = runs / name
     (run / "checkpoints").mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"project": PROJECT_NAME, "wandb_id": "x"}))
+    (run / "run.json").write_text(json.dumps({"project": PROJECT_NAME, "id": "x", "wandb_id": "x"}))
     (run / ".lock").write_text("")
-    (run / "config.yaml").write_text(yaml.safe_dump(to_plain_dict(load_config(config, [f"name={name}"]))))
+    saved = yaml.safe_dump(to_plain_dict(load_config(config, [f"name={name}"])))
+    (run / "config.yaml").write_text(saved)
     for file, content in files.items():
+        (run / file).parent.mkdir(parents=True, exist_ok=True)
         (run / file).write_text(content)
     if layout:
-        point = run / "checkpoints" / "resume" / "000001"
+        point = run / "checkpoints" / "resume" / "point-000001"
         point.mkdir(parents=True)
-        contents = {"trainer.json": json.dumps({"layout": layout}), "model.safetensors": "m",
+        identity = {"run_id": run_id, "config_sha256": hashlib.sha256(saved.encode()).hexdigest()}
+        contents = {"trainer.json": json.dumps({"run": identity, "layout": layout, "state": {}}), "model.safetensors": "m",
                     "optimizer.safetensors": "o", "history.jsonl": "", "rng_0.safetensors": "r"}
         for file, content in contents.items():
             (point / file).write_text(content)
@@ -134,61 +173,126 @@ def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, dam
         (point / "manifest.json").write_text(json.dumps({"files": digests}))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, reviews_dir, tiny_bert, monkeypatch, capsys):
-    script, extra, expected = CASES[case]
-    _folder(tmp_path, "empty", {})
-    _folder(tmp_path, "nocolumns", {"train.csv": "review,stars\ngood,5\n"})
-    _folder(tmp_path, "stars", {"train.csv": "text,label\ngood,5\nbad,1\n"})
-    _folder(tmp_path, "words", {"train.csv": "text,label\nfine,good\nawful,bad\n"})
-    _folder(tmp_path, "blank", {"train.csv": "text,label\ngood,1\n   ,0\n"})
-    _folder(tmp_path, "positive", {"train.csv": "text,label\n" + "".join(f"review {i},1\n" for i in range(50))})
-    (_folder(tmp_path, "latin1", {}) / "train.csv").write_bytes("text,label\ntrès bon,1\nnul,0\n".encode("latin-1"))
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory, tiny_bert) -> Path:
+    """Model folders that load but must not be trained: without tokenizer files, with fewer embeddings than the
+    tokenizer has tokens, an encoder-decoder (T5), and with damaged weights."""
+    from transformers import AutoModel, BertConfig, T5Config
+
+    root = tmp_path_factory.mktemp("odd_models")
+    AutoModel.from_config(BertConfig.from_pretrained(tiny_bert)).save_pretrained(root / "no_tokenizer")
+    small = root / "small_vocab"
+    shutil.copytree(tiny_bert, small)
+    AutoModel.from_config(BertConfig.from_pretrained(tiny_bert, vocab_size=1000)).save_pretrained(small)
+    t5 = root / "t5"
+    shutil.copytree(tiny_bert, t5)
+    (t5 / "model.safetensors").unlink()
+    (t5 / "config.json").unlink()
+    AutoModel.from_config(T5Config(vocab_size=30522, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                   d_kv=16)).save_pretrained(t5)
+    corrupt = root / "corrupt"
+    shutil.copytree(tiny_bert, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return root
+
+
+@pytest.fixture(scope="module")
+def true_split(tmp_path_factory, tiny_bert) -> str:
+    """split.json as a run of the tiny config on the synthetic reviews writes it."""
+    from conftest import write_reviews
+    from exp_1.data import prepare_data
+    from exp_1.model import load_model
+
+    root = tmp_path_factory.mktemp("split")
+    cfg = load_config(tiny_config(root, tiny_bert, write_reviews(root / "reviews")))
+    tokenizer, model = load_model(cfg.model)
+    return json.dumps(prepare_data(cfg, tokenizer, model.input_names).record)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_bert, odd_models, true_split):
+    """One folder holding every bad thing the cases point at: data folders, configs, model folders and run
+    directories in every state, one of them locked as a writing process would hold it. Every case must leave it
+    exactly as it was, so the cases share it."""
+    from conftest import write_reviews
+
+    root = tmp_path_factory.mktemp("bad_input")
+    _folder(root, "empty", {})
+    _folder(root, "nocolumns", {"train.csv": "review,stars\ngood,5\n"})
+    _folder(root, "stars", {"train.csv": "text,label\ngood,5\nbad,1\n"})
+    _folder(root, "words", {"train.csv": "text,label\nfine,good\nawful,bad\n"})
+    _folder(root, "blank", {"train.csv": "text,label\ngood,1\n   ,0\n"})
+    _folder(root, "positive", {"train.csv": "text,label\n" + "".join(f"review {i},1\n" for i in range(50))})
+    (_folder(root, "latin1", {}) / "train.csv").write_bytes("text,label\ntrès bon,1\nnul,0\n".encode("latin-1"))
     for split in ("train", "test"):
         for sentiment in ("pos", "neg"):
-            folder = tmp_path / "acl" / "aclImdb" / split / sentiment
+            folder = root / "acl" / "aclImdb" / split / sentiment
             folder.mkdir(parents=True)
             for i in range(20):
                 (folder / f"{i}_{9 if sentiment == 'pos' else 2}.txt").write_text(f"{sentiment} review {split} {i}")
-    (tmp_path / "acl" / "aclImdb" / "train" / "pos" / "1_9.txt").write_bytes("très bon".encode("latin-1"))
-    nopad = tmp_path / "nopad"
+    (root / "acl" / "aclImdb" / "train" / "pos" / "1_9.txt").write_bytes("très bon".encode("latin-1"))
+    nopad = root / "nopad"
     shutil.copytree(tiny_bert, nopad)
     settings = json.loads((nopad / "tokenizer_config.json").read_text())
     settings["pad_token"] = None
     (nopad / "tokenizer_config.json").write_text(json.dumps(settings))
-    (tmp_path / "notes.txt").write_text("not a folder")
-    (tmp_path / "broken.yaml").write_text("train: {lr: 1e-4\n")
-    (tmp_path / "list.yaml").write_text("- train\n- lr\n")
-    (tmp_path / "tabs.yaml").write_text("train:\n\tlr: 0.1\n")
-    _folder(tmp_path, "victim", {"config.yaml": "k: v\n", "precious.txt": "notes"})
-    config = tiny_config(tmp_path, tiny_bert, reviews_dir)
-    runs = tmp_path / "runs"
+    (root / "notes.txt").write_text("not a folder")
+    (root / "broken.yaml").write_text("train: {lr: 1e-4\n")
+    (root / "list.yaml").write_text("- train\n- lr\n")
+    (root / "tabs.yaml").write_text("train:\n\tlr: 0.1\n")
+    (root / "twice.yaml").write_text("train: {lr: 0.1}\nseed: 3\ntrain: {epochs: 1}\n")
+    (root / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    _folder(root, "victim", {"config.yaml": "k: v\n", "precious.txt": "notes"})
+    config = tiny_config(root, tiny_bert, write_reviews(root / "reviews"))
+    runs = root / "runs"
     _fake_run(runs, "finished", config, {"metrics.json": "{}\n", "history.jsonl": "{}\n"})
     _fake_run(runs, "annotated", config, {"metrics.json": "{}\n", "notes.txt": "mine"})
-    layout = {"script": "accelerate", "processes": 1, "accum_steps": 1}
-    _fake_run(runs, "interrupted", config, {"history.jsonl": "{}\n"}, layout)
-    _fake_run(runs, "damaged", config, {"history.jsonl": "{}\n"}, {**layout, "script": "exp_1/main.py"}, damaged=True)
+    layout = {"script": "accelerate", "effective_batch": 8, "processes": 1, "grad_accum_steps": 1, "micro_batch_tokens": None}
+    _fake_run(runs, "interrupted", config, {"history.jsonl": "{}\n", "split.json": true_split}, layout)
+    _fake_run(runs, "damaged", config, {"history.jsonl": "{}\n", "split.json": true_split},
+              {**layout, "script": "exp_1/main.py"}, damaged=True)
     _fake_run(runs, "unmarked", config, {"metrics.json": "{}\n"})
     (runs / "unmarked" / "run.json").write_text("{garbage")
     _fake_run(runs, "busy", config, {"history.jsonl": "{}\n"}, layout)
+    _fake_run(runs, "nested", config, {"metrics.json": "{}\n", "checkpoints/my_backup.safetensors": "mine",
+                                       "predictions/my_analysis.md": "mine"})
+    _fake_run(runs, "linked", config, {"metrics.json": "{}\n"})
+    (runs / "linked" / "model").symlink_to(_folder(root, "elsewhere", {"precious.txt": "mine"}))
+    own_layout = {**layout, "script": "exp_1/main.py"}
+    _fake_run(runs, "changed_data", config, {"history.jsonl": "{}\n", "split.json": '{"train": [1, 2, 3]}'},
+              own_layout)
+    _fake_run(runs, "foreign_point", config, {"history.jsonl": "{}\n", "split.json": true_split}, own_layout,
+              run_id="another")
+    _fake_run(runs, "null_manifest", config, {"history.jsonl": "{}\n", "split.json": true_split}, own_layout)
+    (runs / "null_manifest" / "checkpoints" / "resume" / "point-000001" / "manifest.json").write_text('{"files": null}')
+    _fake_run(runs, "bad_config", config, {"history.jsonl": "{}\n"}, own_layout)
+    (runs / "bad_config" / "config.yaml").write_text("train: [unclosed\n")
     lock = open(runs / "busy" / ".lock", "w")  # as another process writing the run would hold it
     fcntl.flock(lock, fcntl.LOCK_EX)
-    args = [a.replace("DIR", str(tmp_path)) for a in extra]
+    yield root, config, odd_models
+    lock.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, world, monkeypatch, capsys):
+    script, extra, expected = CASES[case]
+    root, config, models = world
+    args = [a.replace("DIR", str(root)).replace("MODELS", str(models)) for a in extra]
     argv = (args if "--config" in args else ["--config", str(config), *args])
-    expected = expected.replace("DIR", str(tmp_path))
-    before = _tree(tmp_path)
+    expected = expected.replace("DIR", str(root))
+    before = _tree(root)
 
     monkeypatch.setattr(sys, "argv", ["main.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         run_cli({"exp1": exp1.main, "exp2": exp2.main}[script])
-    lock.close()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     print(f"{case}: {lines[0] if lines else err}")
     assert exit_info.value.code == 2
     assert len(lines) == 1 and expected in lines[0], err[-2000:]
     assert "Traceback" not in err
-    assert _tree(tmp_path) == before
+    assert _tree(root) == before
 
 
 def test_a_tilde_in_output_dir_means_home(tmp_path, reviews_dir, tiny_bert, monkeypatch):

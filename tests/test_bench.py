@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import PROJECT, tiny_config
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tiny_bert, reviews_dir):
     result = subprocess.run(
         [sys.executable, str(PROJECT / "bench" / "train_throughput.py"), "--model", tiny_bert, "--data", str(reviews_dir),
@@ -20,6 +23,7 @@ def test_benchmark_smoke(tiny_bert, reviews_dir):
     assert float(rows[0].split(" | ")[4]) > original_padding  # dynamic padding beats padding to max_length
 
 
+@pytest.mark.slow
 def test_first_step_benchmark_smoke(tmp_path, tiny_bert, reviews_dir):
     config = tiny_config(tmp_path, tiny_bert, reviews_dir)
     result = subprocess.run([sys.executable, str(PROJECT / "bench" / "first_step.py"), "--starts", "2", "--config",

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from conftest import ACLIMDB_SAMPLE, IMDB, needs_imdb
-from exp_1.config import UserError
-from exp_1.data import WindowBatchSampler, load_reviews, split_indices, stratified_subset
+from conftest import ACLIMDB_SAMPLE, IMDB, needs_imdb, window_sampler
+from exp_1.errors import UserError
+from exp_1.data import load_reviews, split_indices, stratified_subset
 
 
 @pytest.fixture(scope="module")
 def imdb():
     reviews = load_reviews(str(IMDB))
-    return reviews["text"], np.asarray(reviews["label"])
+    return reviews["text"][:], np.asarray(reviews["label"][:])  # [:]: whole columns, not row by row
 
 
 @needs_imdb
@@ -86,7 +86,7 @@ def _windows(sampler):
     """Per optimizer step: the (index, weight) rows of all micro-batches of all processes."""
     sampler_list = sampler if isinstance(sampler, list) else [sampler]
     per_process = [list(s) for s in sampler_list]
-    accum = sampler_list[0].accum_steps
+    accum = sampler_list[0].batches_per_step
     steps = len(per_process[0]) // accum
     return [sorted(row for batches in per_process for batch in batches[s * accum:(s + 1) * accum] for row in batch)
             for s in range(steps)]
@@ -96,9 +96,9 @@ def _windows(sampler):
 def test_same_samples_in_the_same_steps_however_the_window_is_cut(group_by_length):
     lengths = np.random.default_rng(0).integers(5, 500, size=103)
     kwargs = dict(seed=3, group_by_length=group_by_length)
-    one_batch = WindowBatchSampler(lengths, 12, 1, **kwargs)
-    accumulated = WindowBatchSampler(lengths, 4, 3, **kwargs)
-    two_processes = [WindowBatchSampler(lengths, 2, 3, num_processes=2, process_index=p, **kwargs) for p in (0, 1)]
+    one_batch = window_sampler(lengths, 12, 1, **kwargs)
+    accumulated = window_sampler(lengths, 4, 3, **kwargs)
+    two_processes = [window_sampler(lengths, 2, 3, num_processes=2, process_index=p, **kwargs) for p in (0, 1)]
     for epoch in (1, 2):
         for s in [one_batch, accumulated, *two_processes]:
             s.set_epoch(epoch)
@@ -110,23 +110,23 @@ def test_same_samples_in_the_same_steps_however_the_window_is_cut(group_by_lengt
 
 def test_every_sample_once_per_epoch_and_window_weights_sum_to_one():
     lengths = np.arange(1, 31)
-    for sampler in [WindowBatchSampler(lengths, 4, 3, seed=0), WindowBatchSampler(lengths, 4, 5, seed=0),
-                    *[WindowBatchSampler(lengths, 1, 3, seed=0, num_processes=2, process_index=p) for p in (0, 1)]]:
+    for sampler in [window_sampler(lengths, 4, 3, seed=0), window_sampler(lengths, 4, 5, seed=0),
+                    *[window_sampler(lengths, 1, 3, seed=0, num_processes=2, process_index=p) for p in (0, 1)]]:
         assert len(list(sampler)) == len(sampler)
-    windows = _windows([WindowBatchSampler(lengths, 1, 3, seed=0, num_processes=2, process_index=p) for p in (0, 1)])
+    windows = _windows([window_sampler(lengths, 1, 3, seed=0, num_processes=2, process_index=p) for p in (0, 1)])
     # 30 samples in windows of 6: five full windows
     seen = [i for w in windows for i, weight in w if weight > 0]
     assert sorted(seen) == list(range(30))
     for w in windows:
         assert sum(weight for _, weight in w) == pytest.approx(1.0)
     # 30 samples in windows of 4 x 5 = 20: the last window (10 samples) still has 5 micro-batches
-    last = list(WindowBatchSampler(lengths, 4, 5, seed=0))[5:]
+    last = list(window_sampler(lengths, 4, 5, seed=0))[5:]
     assert len(last) == 5 and sum(len(b) for b in last) == 10
 
 
 def test_a_last_window_smaller_than_its_micro_batch_count_is_padded_with_zero_weight():
     lengths = np.arange(1, 8)  # 7 samples, windows of 2 x 3 = 6: the last window has one sample for 3 micro-batches
-    batches = list(WindowBatchSampler(lengths, 2, 3, seed=0, group_by_length=False))
+    batches = list(window_sampler(lengths, 2, 3, seed=0, group_by_length=False))
     last = batches[3:]
     assert [len(b) for b in last] == [1, 1, 1]
     assert [w for b in last for _, w in b] == [1.0, 0.0, 0.0]
@@ -139,8 +139,8 @@ def test_length_grouping_cuts_padding():
         batches = [[i for i, _ in b] for b in sampler]
         return sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
 
-    grouped = padding_efficiency(WindowBatchSampler(lengths, 16, 1, seed=0, group_by_length=True))
-    random_order = padding_efficiency(WindowBatchSampler(lengths, 16, 1, seed=0, group_by_length=False))
+    grouped = padding_efficiency(window_sampler(lengths, 16, 1, seed=0, group_by_length=True))
+    random_order = padding_efficiency(window_sampler(lengths, 16, 1, seed=0, group_by_length=False))
     assert grouped > 0.97 and random_order < 0.7
 
 
@@ -180,7 +180,7 @@ def test_batches_are_padded_to_their_own_longest_review(tmp_path, reviews_dir, t
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    sampler = WindowBatchSampler(splits.train["length"], 8, 1, seed=0)
+    sampler = window_sampler(splits.train["length"], 8, 1, seed=0)
     for loader in (make_train_loader(splits.train, sampler, tokenizer, cfg), make_eval_loader(splits.test, tokenizer, cfg)):
         for batch in loader:
             assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() < cfg.data.max_length

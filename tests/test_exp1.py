@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import IMDB, PROJECT, needs_imdb, tiny_config
+from conftest import IMDB, PROJECT, needs_imdb, tiny_config, window_sampler
 from exp_1 import main as exp1
-from exp_1.config import UserError, load_config
-from exp_1.data import WindowBatchSampler, make_eval_loader, make_train_loader, prepare_data, tokenize
+from exp_1.config import load_config
+from exp_1.errors import UserError
+from exp_1.data import make_eval_loader, make_train_loader, prepare_data, tokenize
 from exp_1.model import load_model, load_run, model_inputs, weighted_loss
 from exp_1.train import Stepper, build_optimizer, evaluate
 
@@ -73,13 +74,14 @@ def test_end_to_end_run_writes_the_contract_and_tests_the_best_checkpoint(fixtur
 
 
 @needs_imdb
+@pytest.mark.slow
 def test_minilm_lowers_the_loss_on_real_reviews(tmp_path):
     """A few optimizer steps of the real pretrained MiniLM on 16 real reviews lower the loss on them."""
     cfg = load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
                                        data={"max_length": 128, "max_train_samples": 16}, train={"batch_size": 16}))
     tokenizer, model = load_model(cfg.model)
     splits = prepare_data(cfg, tokenizer, model.input_names)
-    sampler = WindowBatchSampler(splits.train["length"], 16, 1, seed=0)
+    sampler = window_sampler(splits.train["length"], 16, 1, seed=0)
     batch = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg)))
     optimizer = build_optimizer(model, cfg.train, 5e-5, torch.device("cpu"))
     stepper = Stepper(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
@@ -117,7 +119,8 @@ def test_config_mistakes_are_one_line_errors(tmp_path, reviews_dir, override, me
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_cli_errors_exit_2_with_one_line_and_no_traceback(tmp_path, reviews_dir, tiny_bert):
+@pytest.mark.parametrize("tier", ["a config error", pytest.param("data and model errors", marks=pytest.mark.slow)])
+def test_cli_errors_exit_2_with_one_line_and_no_traceback(tier, tmp_path, reviews_dir, tiny_bert):
     bad_labels = tmp_path / "bad"
     bad_labels.mkdir()
     (bad_labels / "train.csv").write_text("text,label\ngood,1\nbad,3\n")
@@ -133,6 +136,7 @@ def test_cli_errors_exit_2_with_one_line_and_no_traceback(tmp_path, reviews_dir,
         (["--config", config, "model.name=no-such-org/no-such-model"], "model.name=no-such-org/no-such-model"),
         (["--config", config, "data.path=no-such-org/no-such-dataset"], "data.path=no-such-org/no-such-dataset"),
     ]
+    cases = cases[:2] if tier == "a config error" else cases[2:]  # the first two answer before torch loads
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for args, message in cases:
         result = _run_cli(*args)
@@ -155,6 +159,7 @@ def test_existing_results_are_not_overwritten_without_the_flag(tmp_path, reviews
     exp1.main(["--config", str(config), "--overwrite"])
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_its_checkpoint_loads_plainly(tmp_path, tiny_bert, reviews_dir):
     """train.compile changes speed, not results; the checkpoint it writes loads into an uncompiled model."""
     eager = exp1.main(["--config", str(tiny_config(tmp_path, tiny_bert, reviews_dir, name="eager", train={"epochs": 1}))])

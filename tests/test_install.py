@@ -8,7 +8,6 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,8 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import PROJECT, tiny_config
 from exp_1 import main as exp1
-from exp_1.config import Config, UserError, load_config, to_plain_dict
-from exp_1.utils import cpu_has_fast_bf16
+from exp_1.config import Config, load_config, to_plain_dict
+from exp_1.errors import UserError
+from exp_1.precision import cpu_has_fast_bf16
 from exp_2 import main_accelerate
 
 
@@ -65,6 +65,7 @@ def test_print_config_prints_the_resolved_config_and_touches_nothing(tmp_path, t
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_entry_scripts():
     for module in ("exp_1.main", "exp_2.main", "exp_2.main_accelerate", "exp_1.sweep", "exp_1.results",
                    "exp_1.predict"):
@@ -129,7 +130,7 @@ def test_precision_precedence_command_line_over_file_over_launcher_over_default(
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     if launcher:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", {"fp32": "no"}.get(launcher, launcher))
-        monkeypatch.setattr("exp_1.utils.launcher_command", lambda: [
+        monkeypatch.setattr("exp_1.precision.launcher_command", lambda: [
             "accelerate", "launch", "--mixed_precision", {"fp32": "no"}.get(launcher, launcher), "x.py"])
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"precision": config_value})
     with pytest.raises(SystemExit):
@@ -141,7 +142,7 @@ def test_a_launchers_unchosen_default_is_not_taken_for_a_choice(tmp_path, tiny_b
     """`accelerate launch` without --mixed_precision or a config file still sets ACCELERATE_MIXED_PRECISION=no."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no accelerate config file there
-    monkeypatch.setattr("exp_1.utils.launcher_command", lambda: ["accelerate", "launch", "x.py"])
+    monkeypatch.setattr("exp_1.precision.launcher_command", lambda: ["accelerate", "launch", "x.py"])
     monkeypatch.setattr("accelerate.commands.config.default_config_file", str(tmp_path / "hf" / "none.yaml"))
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"precision": "auto"})
     with pytest.raises(SystemExit):
@@ -149,6 +150,7 @@ def test_a_launchers_unchosen_default_is_not_taken_for_a_choice(tmp_path, tiny_b
     assert f"this run would use: cpu, {AUTO}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_installed_package_runs_outside_the_repository(tmp_path, tiny_bert, reviews_dir):
     """What `pip install .` puts on the path (packages exp_1 and exp_2, built from pyproject.toml) runs a tiny
     experiment from another folder; the dependencies come from this environment (CI installs them afresh too)."""

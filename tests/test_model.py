@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from exp_1.config import ModelConfig, UserError
+from exp_1.config import ModelConfig
+from exp_1.errors import UserError
 from exp_1.model import load_model, resolve_model_path
 
 

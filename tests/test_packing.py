@@ -1,7 +1,6 @@
 """Packed micro-batches (exp_1/packing.py) give the padded batch's logits, loss and gradients, in fp32 on CPU, for
 BERT and for ModernBERT with its sliding-window layers active."""
 
-import copy
 import shutil
 
 import pytest
@@ -10,8 +9,9 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig
 
 from exp_1.config import ModelConfig
-from exp_1.model import load_model, weighted_loss
-from exp_1.packing import PACKED, enable_packed_attention, pack, packed_logits
+from exp_1.model import load_model, model_inputs, weighted_loss
+from conftest import packed_batch as pack
+from exp_1.packing import PACKED, packed_logits
 
 WINDOW = 8  # ModernBERT local_attention: a token sees 4 tokens each side in the sliding-window layers
 TEXTS = ["dull", "a truly wonderful film with a moving story", "the plot was clumsy and tedious, " * 4,
@@ -74,16 +74,13 @@ def _relative(a, b):
 def test_pack_layout():
     features = [{"input_ids": [101, 7, 102], "token_type_ids": [0, 0, 0], "label": 1, "loss_weight": 0.5},
                 {"input_ids": [101, 8, 9, 102], "token_type_ids": [0, 0, 0, 0], "label": 0, "loss_weight": 0.5}]
-    batch = pack(features, budget=10)
-    assert batch["input_ids"].tolist() == [[101, 7, 102, 101, 8, 9, 102, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0, 0]]
-    assert batch["token_type_ids"].shape == (1, 10)
+    batch = pack(features)
+    assert batch["input_ids"].tolist() == [[101, 7, 102, 101, 8, 9, 102]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert batch["token_type_ids"].shape == (1, 7)
     assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"].tolist() == [0, 3, 7]
     assert (batch["max_seqlen"], batch["num_tokens"]) == (4, 7)
     assert batch["labels"].tolist() == [1, 0] and batch["loss_weight"].tolist() == [0.5, 0.5]
-    assert pack(features)["input_ids"].shape == (1, 7)
-    with pytest.raises(ValueError, match="budget of 6"):
-        pack(features, budget=6)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -135,23 +132,74 @@ def test_sliding_window_is_exercised_and_would_be_caught(windowed_modernbert):
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_budget_padding_changes_nothing(model_path, pooling):
+def test_fixed_shape_buckets_give_the_packed_rows_logits_loss_and_gradients(model_path, pooling):
+    """train.cuda_graphs' rows: tokens padded to a bucket, empty review slots, padding cut into sequences of at most
+    max_length, max_seqlen fixed. The reviews' logits, the loss and every gradient equal the tight packed row's."""
+    import datasets
+
+    from exp_1.data import PackedRows
+    from exp_1.packing import BUCKET
+
     tokenizer, _, packed = _models(model_path, pooling)
-    packed.eval()
     features = _features(tokenizer)
-    tight = pack(features)
-    padded_row = pack(features, budget=tight["num_tokens"] + 37)
-    assert padded_row["input_ids"].shape == (1, tight["num_tokens"] + 37)
-    with torch.no_grad():
-        torch.testing.assert_close(packed_logits(packed, padded_row), packed_logits(packed, tight),
-                                   rtol=1e-6, atol=1e-7)
+    rows = datasets.Dataset.from_list([{k: f[k] for k in ("input_ids", "token_type_ids", "label") if k in f}
+                                       for f in features])
+    keys = [(i, w) for i, w in enumerate(LOSS_WEIGHTS)]
+    tight = PackedRows(rows).__getitems__(keys)
+    bucketed = PackedRows(rows, slots=7, max_length=64).__getitems__(keys)
+    assert bucketed["input_ids"].shape == (1, BUCKET) and bucketed["max_seqlen"] == 64
+    assert bucketed["cu_seqlens"].shape == (7 + 1 + 16,) and bucketed["num_reviews"] == 7
+    assert bucketed["loss_weight"][4:].tolist() == [0.0] * 3
+    results = []
+    for batch in (tight, bucketed):
+        packed.zero_grad(set_to_none=True)
+        logits = packed_logits(packed, batch)
+        loss = weighted_loss(logits, batch)
+        loss.backward()
+        results.append((logits[:len(features)], loss, {n: p.grad.clone() for n, p in packed.named_parameters()}))
+    (logits, loss, grads), (b_logits, b_loss, b_grads) = results
+    assert _relative(b_logits, logits) < 1e-6 and abs(b_loss.item() - loss.item()) < 1e-6 * loss.item()
+    for name, g in grads.items():
+        assert torch.allclose(b_grads[name], g, atol=1e-7, rtol=1e-5), name
+
+
+@pytest.mark.slow
+def test_compiled_bucketed_steps_use_one_graph_without_recompiling(tiny_modernbert):
+    """Steps of changing review counts and lengths, in two token buckets, through the compiled packed model (mode
+    reduce-overhead, whose CUDA graphs a CPU skips): one graph, no recompilation, no graph break."""
+    import datasets
+    import numpy as np
+    import torch._dynamo
+
+    from exp_1.data import PackedRows
+    from exp_1.model import compile_model
+
+    tokenizer, model = _load(tiny_modernbert, "mean", PACKED)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_model(model, packed=True, cuda_graphs=True)
+    rng = np.random.default_rng(0)
+    ids = [[101] + rng.integers(1000, 20000, int(n)).tolist() + [102] for n in rng.integers(20, 120, 200)]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "label": [i % 2 for i in range(len(ids))]})
+    data = PackedRows(rows, slots=24, max_length=128)
+    shapes = set()
+    model.train()
+    for step in range(6):
+        count = int(rng.integers(6, 25))
+        batch = data.__getitems__([(int(i), 1 / count) for i in rng.choice(len(ids), count, replace=False)])
+        shapes.add(batch["input_ids"].shape[1])
+        torch.compiler.cudagraph_mark_step_begin()
+        weighted_loss(model(**model_inputs(batch)), batch).backward()
+    counters = torch._dynamo.utils.counters
+    print(f"buckets {sorted(shapes)}: unique graphs {counters['stats']['unique_graphs']}, recompiles "
+          f"{dict(counters['recompiles'])}, graph breaks {dict(counters['graph_break'])}")
+    assert len(shapes) > 1 and counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
 
 
 def test_packed_model_still_runs_padded_batches(model_path):
     """Evaluation may keep padded batches on a PACKED model: padded rows, and unpadded rows longer than the window."""
-    tokenizer, padded, _ = _models(model_path, "mean")
-    packed = copy.deepcopy(padded)
-    enable_packed_attention(packed.encoder)
+    tokenizer, padded, packed = _models(model_path, "mean")
     padded.eval(), packed.eval()
     features = _features(tokenizer)
     for rows in (features, features[-1:]):
@@ -161,7 +209,7 @@ def test_packed_model_still_runs_padded_batches(model_path):
             torch.testing.assert_close(packed(**inputs), padded(**inputs), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("script", ["exp_1", "exp_2"])
+@pytest.mark.parametrize("script", [pytest.param("exp_1", marks=pytest.mark.slow), "exp_2"])
 def test_training_on_packed_micro_batches_ends_like_training_on_padded_ones(script, tmp_path, tiny_bert, reviews_dir):
     """train.packing=true changes how a micro-batch is laid out, not what is learned (fp32, dropout 0)."""
     import json

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import tiny_config, write_reviews
 from exp_1 import main as exp1
 from exp_1 import predict, results, sweep
-from exp_1.config import UserError
+from exp_1.errors import UserError
 from exp_1.data import load_reviews
 from exp_1.cli import run_cli
 from exp_2 import main as exp2
@@ -112,6 +112,7 @@ def test_comparisons_name_a_real_difference_and_say_which_is_better(tmp_path):
         (folder / "predictions" / "test.csv").write_text("\n".join(rows) + "\n")
         (folder / "config.yaml").write_text(yaml.safe_dump({"name": name, "train": {"lr": 0.1 if correct > 350 else 0.2}}))
         (folder / "history.jsonl").write_text("")
+        (folder / "run.json").write_text(json.dumps({"project": "imdb-grad-accum", "id": name}))
         (folder / "metrics.json").write_text(json.dumps({
             "script": "exp_2/main.py", "model": "m", "effective_batch_size": 8, "epochs": 1, "optimizer_steps": 1,
             "lr": 0.1, "test_loss": 0.1, "test_accuracy": correct / 400, "n_test": 400, "test_f1": 0.5, "wall_seconds": 1,
@@ -165,6 +166,9 @@ def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_p
     (foreign / "config.yaml").write_text("name: foreign\n")
     (foreign / "history.jsonl").write_text("")
     (foreign / "metrics.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(UserError, match="foreign is not a run directory of this project"):
+        results.main([str(foreign), "--out", str(tmp_path / "out")])
+    (foreign / "run.json").write_text('{"project": "imdb-grad-accum", "id": "x"}')
     with pytest.raises(UserError, match="metrics.json lacks script, model"):
         results.main([str(foreign), "--out", str(tmp_path / "out")])
     for name, content, message in (("metrics.json", "[1, 2]", "holds no JSON object"),
@@ -173,7 +177,8 @@ def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_p
                                    ("config.yaml", "a: [b\n", "config.yaml: cannot read it")):
         good = (foreign / name).read_text()
         if name != "metrics.json":
-            (foreign / "metrics.json").write_text(json.dumps(dict.fromkeys(results.METRICS, 1) | {"script": "exp_1/x"}))
+            (foreign / "metrics.json").write_text(json.dumps(dict.fromkeys(results.METRICS, 1) | {
+                "script": "exp_1/x", "model": "m", "device": "cpu", "precision": "fp32"}))
         (foreign / name).write_text(content)
         with pytest.raises(UserError, match=message):
             results.main([str(foreign), "--out", str(tmp_path / "out")])
@@ -192,6 +197,7 @@ def test_results_refuse_a_cut_prediction_file_and_count_a_run_named_twice_once(f
     assert _table_rows(tmp_path / "out" / "exp_1" / "README.md")["bert_b8"]["seeds"] == "1"
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_bert, reviews_dir, capfd):
     def config(name, **data):
         path = tiny_config(tmp_path, tiny_bert, reviews_dir, name=name, train={"epochs": 1}, data=data)
@@ -202,7 +208,9 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
     assert sweep.main([*configs, "--out", str(out), "seed=3"]) == {
         tmp_path / "runs" / "first": "finished", tmp_path / "runs" / "broken": "failed",
         tmp_path / "runs" / "third": "finished"}
-    assert "data.path=" in capfd.readouterr().err  # the failed run's own one-line reason
+    said = capfd.readouterr().out
+    assert "broken: failed (exit code 2: error: data.path=" in said  # the failed run's own one-line reason
+    assert "no such folder" in (tmp_path / "runs" / "broken" / "train.log").read_text()
     assert sorted(_table_rows(out / "exp_1" / "README.md")) == ["first", "third"]
     saved = yaml.safe_load((tmp_path / "runs" / "first" / "config.yaml").read_text())
     assert saved["seed"] == 3 and saved["tracking"]["group"] == "first+broken+third"  # overrides and group apply
@@ -227,6 +235,7 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
         sweep.main([configs[0], "--out", str(out), "seed=4", "--group", "first+broken+third"])
 
 
+@pytest.mark.slow
 def test_sweep_seeds_run_each_config_once_per_seed_into_one_row(tmp_path, tiny_bert, reviews_dir):
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, name="seeded", train={"epochs": 1})
     out = tmp_path / "training_results"
@@ -304,7 +313,7 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
         "missing output folder": ([run, "good", "--out", str(tmp_path / "no" / "p.csv")], "folder"),
         "existing output file": ([run, "good", "--out", str(tmp_path / "notext.csv")], "exists; pass --overwrite"),
         "output is a folder": ([run, "good", "--out", str(tmp_path / "dir.csv")], "is a folder"),
-        "damaged checkpoint": ([str(damaged), "good"], "does not load into this model"),
+        "damaged checkpoint": ([str(damaged), "good"], "best.safetensors is damaged or replaced"),
         "empty review": ([run, "good", "  "], "review 2 is empty"),
         "missing tokenizer": ([str(untokenized), "good"], "tokenizer.json is missing"),
     }[case]

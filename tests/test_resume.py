@@ -16,7 +16,7 @@ import pytest
 
 from conftest import PROJECT, tiny_config
 from exp_1 import main as exp1
-from exp_1.config import RunStopped, UserError
+from exp_1.errors import RunStopped, UserError
 from exp_1.rundir import RunDir
 from exp_2 import main as exp2
 
@@ -38,7 +38,8 @@ def _history(run: Path) -> list[dict]:
 
 def _same_results(a: Path, b: Path) -> None:
     ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
-    for key in ("test_loss", "test_accuracy", "test_f1", "best_epoch", "optimizer_steps", "n_test"):
+    for key in ("test_loss", "test_accuracy", "test_f1", "best_epoch", "best_step", "stopped_early_at", "optimizer_steps",
+                "n_test"):
         assert ma[key] == mb[key], key
     assert _history(a) == _history(b)
     assert (a / "predictions" / "test.csv").read_text() == (b / "predictions" / "test.csv").read_text()
@@ -86,11 +87,11 @@ def workspace(tmp_path_factory, tiny_bert, fork_server):
 
     root = tmp_path_factory.mktemp("resume")
     config = tiny_config(root, tiny_bert, write_reviews(root / "reviews"), checkpoint={"every_steps": 2},
-                         model={"dropout": 0.1, "encoder_dropout": None}, train={"epochs": 4, "log_every": 2})
+                         model={"dropout": 0.1, "encoder_dropout": None}, train={"epochs": 2, "log_every": 2})
     wholes = {}
 
     def whole(script: str, extra: tuple = ()) -> Path:
-        name = f"whole_{script.replace(' ', '')}_{len(extra)}"
+        name = f"whole_{script.replace(' ', '')}_{abs(hash(extra)) % 10**8}"
         if name not in wholes:
             _finished(_fork(fork_server, script, config, f"name={name}", *extra))
             wholes[name] = root / "runs" / name
@@ -101,18 +102,27 @@ def workspace(tmp_path_factory, tiny_bert, fork_server):
 
 # ----------------------------------------------------------------------------------------------- SIGKILL soak
 
-@pytest.mark.parametrize("script, extra", [("exp1", ["train.batch_size=4"]), ("exp2", ACCUMULATE),
-                                           ("accelerate x2", ACCUMULATE)])
-def test_twenty_sigkills_each_resumed_end_exactly_like_an_uninterrupted_run(script, extra, workspace, fork_server):
-    """SIGKILL at random moments (training, a resume point or checkpoint write, validation, the test), each time
-    followed by the same command with --resume (or afresh while no resume point exists yet). Accelerate's two
-    processes are killed together, as a pre-empted machine would be."""
+SOAKED = {"exp1": ["train.batch_size=4"], "exp2": ACCUMULATE, "accelerate x2": ACCUMULATE}
+CONTROLS = ["train.eval_every_steps=10", "train.early_stopping_patience=3"]  # mid-epoch validations, early stop
+
+
+@pytest.mark.parametrize("script, kills", [("exp1", 3), pytest.param("exp1", 20, marks=pytest.mark.slow),
+                                           pytest.param("exp2", 20, marks=pytest.mark.slow),
+                                           pytest.param("accelerate x2", 20, marks=pytest.mark.slow)])
+def test_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterrupted_run(script, kills, workspace,
+                                                                                        fork_server):
+    """SIGKILL at random moments (training, a resume point or checkpoint write, a validation mid-epoch or at an
+    epoch's end, the test), each time followed by the same command with --resume (or afresh while no resume point
+    exists yet), with validations every 10 steps and early stopping on. Accelerate's two processes are killed
+    together, as a pre-empted machine would be."""
     config, runs, whole = workspace
+    extra = SOAKED[script] + CONTROLS + (["train.epochs=4"] if kills > 3 else [])  # room for 20 kills
     reference = whole(script, tuple(extra))
-    run = runs / f"soak_{script.replace(' ', '')}"
-    rng = random.Random(len(script))
-    kills, finished = 0, False
-    while kills < 20 and not finished:
+    assert json.loads((reference / "metrics.json").read_text())["stopped_early_at"], "early stopping never happened"
+    run = runs / f"soak_{script.replace(' ', '')}_{kills}"
+    rng = random.Random(len(script) + kills)
+    killed, finished = 0, False
+    while killed < kills and not finished:
         flag = ["--resume"] if RunDir(run).resume_points() else ["--overwrite"] if run.exists() else []
         started = time.time()
         process = _fork(fork_server, script, config, f"name={run.name}", *flag, *extra)
@@ -120,14 +130,14 @@ def test_twenty_sigkills_each_resumed_end_exactly_like_an_uninterrupted_run(scri
         time.sleep(rng.uniform(0, 0.3))
         if process.running():
             process.signal(signal.SIGKILL)
-            kills += 1
+            killed += 1
         code, output = process.wait()
         assert code in (0, None), output[-3000:]
         finished = (run / "metrics.json").exists()
     if not finished:
         _finished(_fork(fork_server, script, config, f"name={run.name}", "--resume", *extra))
-    print(f"{script}: {kills} SIGKILLs, then finished")
-    assert kills == 20
+    print(f"{script}: {killed} SIGKILLs, then finished")
+    assert killed == kills
     _same_results(reference, run)
 
 
@@ -137,7 +147,8 @@ def test_sigterm_saves_a_resume_point_exits_143_and_resumes_exactly(workspace, f
     config, runs, whole = workspace
     run = runs / "terminated"
     started = time.time()
-    process = _fork(fork_server, "exp1", config, f"name={run.name}", "train.batch_size=4")
+    extra = SOAKED["exp1"] + CONTROLS  # the soak's: its uninterrupted run serves both
+    process = _fork(fork_server, "exp1", config, f"name={run.name}", *extra)
     _wait_until_training(process, run, started)
     time.sleep(0.3)
     os.kill(process.pid, signal.SIGTERM)
@@ -147,8 +158,8 @@ def test_sigterm_saves_a_resume_point_exits_143_and_resumes_exactly(workspace, f
     assert len(stopped) == 1 and "terminated (SIGTERM) after optimizer step" in stopped[0] and "Traceback" not in output
     step = int(stopped[0].split("optimizer step ")[1].split(";")[0])
     assert _newest_point(run)["step"] == step  # saved where it stopped, not at the last every_steps point
-    _finished(_fork(fork_server, "exp1", config, f"name={run.name}", "--resume", "train.batch_size=4"))
-    _same_results(whole("exp1", ("train.batch_size=4",)), run)
+    _finished(_fork(fork_server, "exp1", config, f"name={run.name}", "--resume", *extra))
+    _same_results(whole("exp1", tuple(extra)), run)
 
 
 def test_ctrl_c_is_one_line_with_exit_130(workspace, fork_server):
@@ -163,6 +174,7 @@ def test_ctrl_c_is_one_line_with_exit_130(workspace, fork_server):
     assert "Traceback" not in output and "interrupted (Ctrl-C)" in output and "--resume" in output
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_and_the_run_resumes_exactly(workspace, fork_server):
     """The kernel refuses writes beyond a file-size limit set on the running process (EFBIG, as ENOSPC would be for a
     full disk); the weights of the next resume point cannot be written."""
@@ -203,6 +215,7 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
+@pytest.mark.slow
 def test_a_stopped_peer_process_ends_a_two_process_run_within_the_peer_timeout(workspace):
     config, runs, _ = workspace
     run = runs / "lost_peer"
@@ -223,6 +236,7 @@ def test_a_stopped_peer_process_ends_a_two_process_run_within_the_peer_timeout(w
     assert "another process of this run stopped answering" in err and "continue with --resume" in err
 
 
+@pytest.mark.slow
 def test_a_killed_launcher_takes_its_training_processes_with_it(workspace, fork_server):
     config, runs, whole = workspace
     run = runs / "orphans"
@@ -241,6 +255,7 @@ def test_a_killed_launcher_takes_its_training_processes_with_it(workspace, fork_
     _same_results(whole("accelerate x2", tuple(ACCUMULATE)), run)
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_takes_its_run_with_it_and_its_rerun_resumes_exactly(workspace):
     config, runs, whole = workspace
     run = runs / "swept"
@@ -261,7 +276,7 @@ def test_a_killed_sweep_takes_its_run_with_it_and_its_rerun_resumes_exactly(work
     metrics = json.loads((run / "metrics.json").read_text())
     history = _history(run)
     assert sum("train/loss" in h for h in history) * 2 >= metrics["optimizer_steps"]  # log_every 2: no record twice
-    assert [h["epoch"] for h in history if "val/loss" in h] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in history if "val/loss" in h] == [1, 2]
     _same_results(whole("exp1", ("train.batch_size=4",)), run)
 
 
@@ -280,7 +295,7 @@ def test_two_simultaneous_starts_of_one_run_let_exactly_one_train(workspace, for
 
 @pytest.fixture(scope="module")
 def stopped_run(workspace):
-    """An exp_2 run stopped (in this process) at optimizer step 57 of 180, in epoch 2, with its uninterrupted twin."""
+    """An exp_2 run stopped (in this process) at optimizer step 57 of 90, in epoch 2, with its uninterrupted twin."""
     config, runs, _ = workspace
     exp2.main(["--config", str(config), "name=inprocess_whole", *ACCUMULATE])
     from exp_1 import train
@@ -318,8 +333,8 @@ def _damage(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.safetensors", "rng_0.safetensors", "trainer.json",
-                                  "history.jsonl", "manifest.json"])
+@pytest.mark.parametrize("file", ["model.safetensors", *(pytest.param(f, marks=pytest.mark.slow) for f in (
+    "manifest.json", "optimizer.safetensors", "rng_0.safetensors", "trainer.json", "history.jsonl"))])
 def test_a_damaged_resume_point_falls_back_to_the_previous_one_in_one_line(file, stopped, capsys):
     config, reference, run = stopped
     newest, previous = RunDir(run).resume_points()[:2]
@@ -335,19 +350,62 @@ def test_no_usable_resume_point_is_one_line_and_changes_nothing(stopped):
     for point in RunDir(run).resume_points():
         _damage(point / "optimizer.safetensors")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(UserError, match=r"no usable resume point .*\(\d+ is unusable \(optimizer.safetensors: "
-                                        r"checksum differs\); \d+ is unusable"):
+    with pytest.raises(UserError, match=r"no usable resume point .*\(point-\d+ is unusable \(optimizer.safetensors: "
+                                        r"checksum differs\); point-\d+ is unusable"):
         exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_a_damaged_best_checkpoint_stops_the_resume_before_any_training(stopped):
-    config, _, run = stopped
+def test_a_damaged_best_checkpoint_is_restored_from_the_resume_point_it_is_kept_in(stopped):
+    config, reference, run = stopped
     _damage(run / "checkpoints" / "best.safetensors")
-    with pytest.raises(UserError, match="best.safetensors is damaged or missing .* start the run again with --overwrite"):
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    _same_results(reference, run)
+
+
+def test_a_damaged_best_checkpoint_no_point_can_restore_stops_the_resume_before_any_training(stopped):
+    config, _, run = stopped
+    for copy in [run / "checkpoints" / "best.safetensors", *run.glob("checkpoints/resume/point-*/best.safetensors")]:
+        _damage(copy)  # as when the point's hard link shares the damaged file
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="best.safetensors is damaged or missing .* no resume point holds it; start "
+                                        "the run again with --overwrite"):
         exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
+def test_a_best_checkpoint_replaced_by_a_later_one_is_restored_from_the_resume_point(stopped):
+    """Someone copies a later checkpoint over best.safetensors (a new file under the old name): --resume restores
+    the best from the resume point, which kept it, and the run ends exactly as the uninterrupted one."""
+    config, reference, run = stopped
+    later = RunDir(run).resume_points()[0] / "model.safetensors"
+    replacement = run / "checkpoints" / "replacement"
+    replacement.write_bytes(later.read_bytes())
+    os.replace(replacement, run / "checkpoints" / "best.safetensors")
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    _same_results(reference, run)
+
+
+def test_a_resume_point_copied_from_another_run_is_skipped_in_one_line(stopped, capsys):
+    """The newest point is a complete, verifiable point of another run (its id differs): the previous one is used."""
+    import hashlib
+
+    config, reference, run = stopped
+    newest, previous = RunDir(run).resume_points()[:2]
+    trainer = json.loads((newest / "trainer.json").read_text())
+    trainer["run"]["run_id"] = "another-run"
+    (newest / "trainer.json").write_text(json.dumps(trainer))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"]["trainer.json"] = hashlib.sha256((newest / "trainer.json").read_bytes()).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    assert (f"resume point {newest.name} is unusable (it belongs to another run); using the previous one, "
+            f"{previous.name}") in capsys.readouterr().out
+    _same_results(reference, run)
+
+
+@pytest.mark.slow
 def test_a_shortened_history_is_restored_exactly_from_the_resume_point(stopped):
     config, reference, run = stopped
     history = run / "history.jsonl"
@@ -357,19 +415,21 @@ def test_a_shortened_history_is_restored_exactly_from_the_resume_point(stopped):
     _same_results(reference, run)
 
 
+@pytest.mark.slow
 def test_a_half_written_resume_point_is_ignored(stopped):
     """A kill while a point is written leaves a temporary folder without its manifest; resuming ignores it."""
     import shutil
 
     config, reference, run = stopped
     newest = RunDir(run).resume_points()[0]
-    half = newest.with_name(f".{int(newest.name) + 1:06d}.tmp")
+    half = newest.with_name(f".point-{int(newest.name.split('-')[1]) + 1:06d}.tmp")
     shutil.copytree(newest, half)
     (half / "manifest.json").unlink()
     exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
     _same_results(reference, run)
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_epoch_point_and_the_best_checkpoint_is_repaired(workspace, stopped_run, monkeypatch):
     config, runs, _ = workspace
     reference = stopped_run[1]

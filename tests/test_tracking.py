@@ -3,7 +3,6 @@ own protobuf types: metric axes, the derived config, per-step train rows, identi
 --resume, the environment switches, and no secret in any file."""
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -95,7 +94,7 @@ def test_the_config_holds_what_the_run_derived(offline_run):
     (run_record,) = of_type(records, "run")
     config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
     derived = config["derived"]
-    assert derived["accum_steps"] == 2 and derived["effective_batch_size"] == 8 and derived["num_processes"] == 1
+    assert derived["grad_accum_steps"] == 2 and derived["micro_batch_tokens"] is None and derived["effective_batch_size"] == 8 and derived["num_processes"] == 1
     assert derived["lr"] == config["train"]["lr"] and derived["device"] == "cpu" and derived["precision"] == "fp32"
     assert derived["script"] == "exp_2/main.py" and set(derived["versions"]) == {"torch", "transformers", "accelerate"}
     assert "git_commit" in derived and derived["split_sizes"] == {"train": 180, "validation": 20, "test": 20}
@@ -135,7 +134,7 @@ def test_log_model_best_uploads_the_best_checkpoint_as_an_artifact(offline_run):
 
 def test_a_killed_and_resumed_run_is_one_wandb_run_with_every_step_once(tmp_path, tiny_bert, reviews_dir, fork_server):
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, tracking={"wandb_mode": "offline"},
-                         checkpoint={"every_steps": 3}, train={"epochs": 2, "batch_size": 4})
+                         checkpoint={"every_steps": 3}, train={"epochs": 1, "batch_size": 4})
     run = tmp_path / "runs" / "tiny"
     first = fork_server.start("exp1", ["--config", config])
     while first.running() and len(RunDir(run).resume_points()) < 2:

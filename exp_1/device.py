@@ -1,25 +1,18 @@
-"""What every entry script needs of torch: seeding, the device and its precision, moving batches."""
+"""Which device a run trains on, and why: never the CPU silently when an NVIDIA GPU is there but this torch cannot
+use it (that is one line with the install command that fixes it); and what --device-check reports."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import random
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from exp_1.config import UserError
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from exp_1.errors import UserError
+from exp_1.precision import cpu_has_fast_bf16, pick_precision
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,56 +88,6 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
-def pick_precision(name: str, device: torch.device, launcher: str | None = None) -> str:
-    """'fp32' | 'bf16' | 'fp16'. auto: what the launcher chose (`accelerate launch --mixed_precision`, `accelerate
-    config`), else bf16 on GPUs that support it, fp16 on older GPUs, bf16 on CPUs with native bf16 matmuls (AMX or
-    AVX512-BF16: several times the fp32 matmul rate, same quickstart accuracy), else fp32."""
-    if name == "auto" and launcher is not None:
-        name = launcher
-        if name == "fp16" and device.type == "cpu":
-            raise UserError("the launcher's mixed precision fp16 needs a GPU; on CPU launch with --mixed_precision "
-                            "bf16 or no, or set train.precision")
-    if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("train.precision=fp16 needs a GPU; on CPU use bf16 or fp32")
-    return name
-
-
-def launcher_precision() -> str | None:
-    """The mixed precision `accelerate launch` or `accelerate config` chose for this process, or None. The launcher
-    also sets "no" when nobody chose anything, so "no" counts only when it was asked for: on the launcher's command
-    line (--mixed_precision) or in the accelerate config file it read."""
-    value = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""))
-    if value != "fp32":
-        return value
-    launcher = launcher_command()
-    if any(arg.startswith(("--mixed_precision", "--mixed-precision")) for arg in launcher):
-        return value
-    config_file = next((launcher[i + 1] for i, arg in enumerate(launcher[:-1]) if arg in ("--config_file", "--config-file")),
-                       None)
-    if config_file is None:
-        from accelerate.commands.config import default_config_file
-
-        config_file = default_config_file
-    with contextlib.suppress(OSError, ValueError):
-        import yaml
-
-        if "mixed_precision" in (yaml.safe_load(Path(config_file).read_text()) or {}):
-            return value
-    return None
-
-
-def launcher_command() -> list[str]:
-    """The command line of the process that started this one (Linux), e.g. `accelerate launch --mixed_precision bf16`."""
-    try:
-        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
 def device_report(cfg, launcher: str | None = None) -> str:
     """What --device-check prints: what this machine offers, and what a run of `cfg` would use and why
     (`launcher`: the mixed precision `accelerate launch` chose, for the Accelerate script)."""
@@ -168,34 +111,3 @@ def device_report(cfg, launcher: str | None = None) -> str:
     except UserError as err:
         lines.append(f"this run would stop: {err}")
     return "\n".join(lines)
-
-
-def cpu_has_fast_bf16() -> bool:
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private in torch.cpu, hence the care
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device`; plain numbers (a packed batch's max_seqlen) stay as they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def use_packing(setting: str, model_cfg, device: torch.device, precision: str) -> bool:
-    """train.packing: true packs (on a CPU through a reference attention that is exact but not faster); false pads;
-    auto packs where the flash varlen kernel runs and was measured faster (README: Performance): on CUDA in bf16 or
-    fp16, with model.attention_dropout set to 0 (the kernel has none) and no model.attn_implementation chosen."""
-    setting = setting.lower()
-    if setting == "true" and device.type == "cuda" and (model_cfg.attention_dropout or 0) > 0:
-        raise UserError("train.packing=true on a GPU needs model.attention_dropout=0: the flash varlen kernel has no "
-                        "attention dropout")
-    if setting == "auto":
-        return (device.type == "cuda" and precision in ("bf16", "fp16") and model_cfg.attention_dropout == 0
-                and not model_cfg.attn_implementation)
-    return setting == "true"

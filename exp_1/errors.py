@@ -1,0 +1,61 @@
+"""How a command can end other than by finishing: the user's input was wrong (`UserError`, exit code 2), or a run
+stopped before its end (`RunStopped` and its kinds, each with its own exit code). `exp_1/cli.py` turns each into one
+line at one place; no other code prints them."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line and exit code 2, never as a traceback."""
+
+
+class RunStopped(Exception):
+    """The run stopped before its end; every file saved before stays usable. One line and `exit_code`."""
+
+    exit_code = 1
+
+
+class Diverged(RunStopped):
+    def __init__(self, loss: float, step: int, epoch: int):
+        super().__init__(f"the training loss is {loss} at optimizer step {step} (epoch {epoch}); the last resume point "
+                         "and checkpoints are kept. Lower train.lr, keep train.max_grad_norm, or use "
+                         "train.precision=fp32 or bf16")
+
+
+class Preempted(RunStopped):
+    """SIGTERM, as pre-emptible clouds send shortly before a kill: the run saved a resume point and stopped."""
+
+    exit_code = 143
+
+    def __init__(self, step: int):
+        super().__init__(f"terminated (SIGTERM) after optimizer step {step}; a resume point was saved there: continue "
+                         "with the same command and --resume")
+
+
+class LostPeer(RunStopped):
+    """Another process of a multi-process run died or stopped answering."""
+
+
+class WriteFailed(RunStopped):
+    """A write failed: the disk is full (or a file-size limit was reached), the filesystem is read-only, or the file
+    may not be written. `then` says what to do next; what was saved before stays usable."""
+
+    SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+    def __init__(self, path: Path, err: OSError, then: str = "run the same command again"):
+        fix = "free some space" if err.errno in self.SPACE_ERRORS else "make it writable"
+        super().__init__(f"cannot write {path}: {err.strerror or err}; {fix}, then {then}")
+        self.path, self.err = path, err
+
+
+class WriterReplaced(RunStopped):
+    """The run directory's lock was removed or replaced while this process wrote the run: another process may now
+    write it too, so this one stops before writing anything more."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} was removed or replaced while this process wrote the run, so another process may "
+                         "now write it too; stopping here. Nothing saved before is lost: once no other process runs "
+                         "it, continue with --resume")

@@ -1,0 +1,106 @@
+"""The classifier a run trains, as a standard Hugging Face model: an encoder, masked mean (or CLS) pooling, dropout
+and a linear head. `python exp_1/export.py RUN OUT` copies this file into the exported folder, where
+
+    AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True)
+    pipeline("text-classification", model=OUT, trust_remote_code=True)
+
+load it without this project. It needs only torch and transformers. The project's training model
+(exp_1/model.py) pools with `pool` and cuts long reviews with `keep_ends` from here, so a trained run and its
+export cannot disagree.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, TextClassificationPipeline
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """One vector per review: the first token's (`cls`), or the mean over its real tokens (`mean`: padding must
+    not dilute the average)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def keep_ends(texts: list[str], spans: list, budget: int, truncation: str) -> list[str]:
+    """Cut reviews longer than `budget` tokens (special tokens not counted) to their last tokens (`tail`) or to
+    their first quarter and last three quarters (`head_tail`: Sun et al. 2019 kept the first 128 and last 382 of
+    512 tokens on IMDB, since reviews often end with the verdict). Cuts fall on token boundaries, via the fast
+    tokenizer's character offsets (`spans`, one list per review)."""
+    head = budget // 4 if truncation == "head_tail" else 0
+    cut = []
+    for text, offsets in zip(texts, spans):
+        if len(offsets) <= budget:
+            cut.append(text)
+        else:
+            start = offsets[len(offsets) - (budget - head)][0]
+            cut.append((text[:offsets[head - 1][1]] + " " if head else "") + text[start:])
+    return cut
+
+
+class IMDBSentimentConfig(PreTrainedConfig):
+    """The encoder's own config (a sub-config) and the head: pooling, dropout, and how training cut long reviews."""
+
+    model_type = "imdb_sentiment"
+    sub_configs = {"encoder_config": AutoConfig}
+
+    def __init__(self, encoder_config=None, pooling: str = "mean", classifier_dropout: float = 0.1,
+                 truncation: str = "head", review_max_length: int = 512, **kwargs):
+        if isinstance(encoder_config, dict):
+            encoder_config = AutoConfig.for_model(**encoder_config)
+        self.encoder_config = encoder_config
+        self.pooling, self.classifier_dropout = pooling, classifier_dropout
+        self.truncation, self.review_max_length = truncation, review_max_length
+        super().__init__(**kwargs)
+
+
+class IMDBSentimentClassifier(PreTrainedModel):
+    config_class = IMDBSentimentConfig
+    base_model_prefix = "imdb_sentiment"
+    _supports_sdpa = True
+
+    def __init__(self, config: IMDBSentimentConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder_config)
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # BERT's pooler is not part of this head
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.head = nn.Linear(config.encoder_config.hidden_size, config.num_labels)
+        # decided from the encoder's forward, not its name: ModernBERT silently swallows token_type_ids
+        self.takes_token_type_ids = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        logits = self.head(self.dropout(pool(hidden, attention_mask, self.config.pooling)))
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class IMDBSentimentPipeline(TextClassificationPipeline):
+    """text-classification that cuts long reviews the way the model was trained (config.truncation), which a
+    tokenizer alone cannot do for head_tail."""
+
+    def preprocess(self, inputs, **tokenizer_kwargs):
+        tokenizer_kwargs = {"truncation": True, "max_length": self.model.config.review_max_length, **tokenizer_kwargs}
+        if not isinstance(inputs, str) or self.model.config.truncation == "head":
+            return super().preprocess(inputs, **tokenizer_kwargs)
+        spans = self.tokenizer([inputs], add_special_tokens=False, return_offsets_mapping=True,
+                               verbose=False)["offset_mapping"]
+        budget = self.model.config.review_max_length - self.tokenizer.num_special_tokens_to_add()
+        inputs = keep_ends([inputs], spans, budget, self.model.config.truncation)[0]
+        side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "right"  # as in training, after the cut
+        try:
+            return super().preprocess(inputs, **tokenizer_kwargs)
+        finally:
+            self.tokenizer.truncation_side = side

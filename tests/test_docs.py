@@ -1,0 +1,88 @@
+"""Every command in the README and docs/ runs as written: the training commands resolve their config and overrides
+(--print-config), a sweep command plans its study (every config, grid point and seed loaded and checked, nothing
+trained), and the other commands answer --help. Shell variables set in the same block are expanded."""
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT
+from exp_1 import main as exp1
+from exp_1 import sweep
+from exp_2 import main as exp2
+from exp_2 import main_accelerate
+
+PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+MAINS = {"exp_1/main.py": exp1.main, "exp_2/main.py": exp2.main, "exp_2/main_accelerate.py": main_accelerate.main}
+HELP_ONLY = ("bench/",)
+
+
+def commands(page: Path) -> list[list[str]]:
+    """The project's commands in a page's bash blocks, as argument lists (continuations joined, variables set in
+    the block expanded, `accelerate launch ...` and `sbatch --wrap` reduced to the script they run)."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        variables = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            assignment = re.match(r'^(\w+)="(.*)"', line.strip())
+            if assignment:
+                variables[assignment.group(1)] = assignment.group(2)
+                continue
+            for part in line.split("&&"):
+                for name, value in variables.items():
+                    part = part.replace(f"${name}", value)
+                words = shlex.split(part, comments=True)
+                if words[:1] == ["sbatch"] and "--wrap" in words:
+                    words = shlex.split(words[words.index("--wrap") + 1])
+                if words[:2] == ["accelerate", "launch"]:
+                    words = ["python", *words[next(i for i, w in enumerate(words) if w.endswith(".py")):]]
+                if len(words) > 1 and words[0] in ("python", "python3") and words[1].startswith(("exp_", "bench/")):
+                    found.append(words[1:])
+    return found
+
+
+ALL = [(page.relative_to(PROJECT), words) for page in PAGES for words in commands(page)]
+
+
+def test_the_pages_have_commands_to_check():
+    scripts = {words[0] for _, words in ALL}
+    assert {"exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py", "exp_1/sweep.py", "exp_1/results.py",
+            "exp_1/predict.py", "exp_1/export.py"} <= scripts, scripts
+
+
+@pytest.mark.parametrize("page, words", ALL, ids=[f"{page}: {' '.join(words)[:70]}" for page, words in ALL])
+def test_every_command_in_the_readme_and_docs_runs_as_written(page, words, monkeypatch, capsys):
+    monkeypatch.chdir(PROJECT)
+    script, args = words[0], words[1:]
+    if script in MAINS:
+        with pytest.raises(SystemExit) as exit_info:
+            MAINS[script]([*args, "--print-config"])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+    elif script == "exp_1/sweep.py":
+        planned = []
+
+        def plan_only(study):  # every run loaded and checked by sweep.plan; none is started
+            for run in study.runs:
+                run.outcome = "planned"
+                planned.append(run)
+
+        monkeypatch.setattr(sweep, "work", plan_only)
+        monkeypatch.setattr(sweep, "check_devices", lambda devices, launcher: devices.split(",") if devices else [])
+        sweep.main(args)
+        assert planned, "the sweep planned no run"
+    elif script.startswith("exp_1/"):  # results, predict, export: in this process, which has them imported
+        import importlib
+
+        module = importlib.import_module(script[:-3].replace("/", "."))
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+    else:
+        assert script.startswith(HELP_ONLY) and (PROJECT / script).is_file(), script
+        import subprocess
+
+        result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]

@@ -1,0 +1,75 @@
+"""The three entry scripts each hold the whole training loop, so that a reader sees in the script itself what a run
+logs, validates and saves; this keeps them from drifting apart (in the spirit of accelerate's
+ExampleDifferenceTests). From `for epoch in range(` to `return metrics`, two scripts may differ only in lines that
+each script marks as its own with a trailing `[tag]` comment: a fix carried to one loop and not the others fails."""
+
+import difflib
+import re
+
+import pytest
+
+from conftest import PROJECT
+
+SCRIPTS = {"exp_1/main.py": {"one step per batch", "plain PyTorch"},
+           "exp_2/main.py": {"accumulation", "plain PyTorch"},
+           "exp_2/main_accelerate.py": {"accumulation", "accelerate"}}
+TAG = re.compile(r"#.*\[([a-zA-Z ]+)\]\s*$")
+
+
+def loop_lines(script: str, root=PROJECT) -> list[tuple[str, str | None]]:
+    """(code without comments and indentation, tag or None) of each code line of the script's loop."""
+    source = (root / script).read_text().splitlines()
+    start = next(i for i, line in enumerate(source) if line.strip().startswith("for epoch in range("))
+    end = next(i for i, line in enumerate(source) if line.strip() == "return metrics" and i > start)
+    lines = []
+    for line in source[start:end + 1]:
+        tag = TAG.search(line)
+        code = re.sub(r"\s+#.*$", "", line).strip() if "#" in line else line.strip()
+        if code and not code.startswith("#"):
+            lines.append((code, tag.group(1) if tag else None))
+    return lines
+
+
+def untagged_differences(a: str, b: str, root=PROJECT) -> list[str]:
+    """Lines of `a` or `b` that the other lacks and that their own script does not mark as its own."""
+    la, lb = loop_lines(a, root), loop_lines(b, root)
+    matcher = difflib.SequenceMatcher(a=[code for code, _ in la], b=[code for code, _ in lb], autojunk=False)
+    problems = []
+    for kind, i1, i2, j1, j2 in matcher.get_opcodes():
+        if kind == "equal":
+            continue
+        problems += [f"{a}: {code}" for code, tag in la[i1:i2] if tag is None]
+        problems += [f"{b}: {code}" for code, tag in lb[j1:j2] if tag is None]
+    return problems
+
+
+@pytest.mark.parametrize("a, b", [("exp_1/main.py", "exp_2/main.py"), ("exp_2/main.py", "exp_2/main_accelerate.py"),
+                                  ("exp_1/main.py", "exp_2/main_accelerate.py")])
+def test_the_training_loops_differ_only_in_lines_marked_as_their_own(a, b):
+    assert untagged_differences(a, b) == []
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_each_script_marks_only_its_own_kinds_of_lines(script):
+    used = {tag for _, tag in loop_lines(script) if tag}
+    assert used <= SCRIPTS[script], f"{script} uses tags {used - SCRIPTS[script]}, which are not its own"
+
+
+def test_the_check_catches_a_fix_carried_to_one_loop_only(tmp_path):
+    """A preemption check added after validation in one script only, or a line changed in one only, is found."""
+    for name in SCRIPTS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((PROJECT / name).read_text())
+    accelerate = tmp_path / "exp_2" / "main_accelerate.py"
+    text = accelerate.read_text()
+    changed = text.replace("                meter.pause()\n", "                meter.pause()\n                if Preemption.requested:\n"
+                           "                    raise Preempted(state.step)\n", 1)
+    assert changed != text
+    accelerate.write_text(changed)
+    assert untagged_differences("exp_2/main.py", "exp_2/main_accelerate.py", tmp_path) == [
+        "exp_2/main_accelerate.py: if Preemption.requested:", "exp_2/main_accelerate.py: raise Preempted(state.step)"]
+    plain = tmp_path / "exp_2" / "main.py"
+    plain.write_text(plain.read_text().replace("log = end_of_epoch or due(cfg.train.log_every, state.step)",
+                                               "log = due(cfg.train.log_every, state.step)"))
+    assert "exp_2/main.py: log = due(cfg.train.log_every, state.step)" in untagged_differences(
+        "exp_1/main.py", "exp_2/main.py", tmp_path)
