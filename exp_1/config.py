@@ -46,7 +46,7 @@ class DataConfig:
     split: List[float] = field(default_factory=lambda: [9.0, 1.0, 1.0])  # train:validation:test weights
     split_seed: int = 42  # draws the split (and subsets): runs with other training seeds share one test set
     max_length: int = 512  # tokens per review, special tokens included; longer reviews are cut (data.truncation)
-    truncation: str = "head"  # head | tail | head_tail: which tokens of a long review to keep (see README)
+    truncation: str = "head"  # head | tail | head_tail: which tokens of a long review to keep (head_tail: a quarter of the budget from the start, three quarters from the end)
     max_train_samples: Optional[int] = None  # a stratified subset of the training split (null: all of it)
     max_val_samples: Optional[int] = None  # a stratified subset of the validation split (null: all of it)
     max_test_samples: Optional[int] = None  # a stratified subset of the test split (null: all of it)

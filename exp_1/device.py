@@ -75,7 +75,7 @@ def unusable_gpu(driver: dict) -> str:
 
 
 def wheel_index(driver_cuda: str | None) -> str | None:
-    """PyTorch's wheel index for the newest CUDA a driver supports (README: Installing on a GPU machine)."""
+    """PyTorch's wheel index for the newest CUDA a driver supports (docs/install.md)."""
     if driver_cuda is None:
         return "cu126"
     for index, needs in (("cu130", "13.0"), ("cu128", "12.8"), ("cu126", "12.6")):

@@ -48,7 +48,7 @@ def check_out(out: Path, overwrite: bool) -> None:
         if not is_export(out):
             raise UserError(f"--overwrite: {out} is not a previous export of this project (its config.json is not "
                             "an imdb_sentiment model, or it holds other files); choose another folder")
-    parent = next(p for p in (out, *out.parents) if p.exists())
+    parent = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # the export is renamed in there
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{parent} is not a writable folder; choose where the exported model may be written")
 
@@ -98,9 +98,16 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
     runs = find_runs([run, *row_runs])
     rows = group_rows(runs)
     row = next(r for r in rows if any(x.path.resolve() == run.resolve() for x in r.runs))
+    others = [r.path for r in runs if all(r.path.resolve() != x.path.resolve() for x in row.runs)]
+    if others:
+        raise UserError(f"--row: {others[0]} is not a seed of {run}'s configuration (its config differs in more than "
+                        "the seed); give only runs of the same configuration")
     this = next(x for x in row.runs if x.path.resolve() == run.resolve())
     single = group_rows([this])[0].values
-    m, split = this.metrics, json.loads((run / "split.json").read_text())
+    try:
+        m, split = this.metrics, json.loads((run / "split.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{run / 'split.json'} is missing or damaged; the card cannot state the split") from None
     name = cfg.model.name
     on_hub = not Path(name).expanduser().exists() and name.count("/") <= 1
     interval = single["interval"]
@@ -156,12 +163,12 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
               "languages and neutral texts are outside what it was trained and tested on.",
               f"- Reviews longer than {cfg.data.max_length} tokens are cut before classification, keeping "
               + {"head": "their beginning", "tail": "their end",
-                 "head_tail": "their first quarter and last three quarters of the tokens"}[cfg.data.truncation]
+                 "head_tail": "a quarter of that budget from their start and three quarters from their end"}[cfg.data.truncation]
               + ". The pipeline above cuts them the way training did; calling the model on your own tokenisation "
               "with `truncation=True` keeps " + ("the end" if cfg.data.truncation == "tail" else "the beginning")
               + (" instead, which differs from training for long reviews." if cfg.data.truncation == "head_tail"
                  else ", as in training.")]
-    if cut is not None and cut.any():
+    if cut is not None and cut.any() and (~cut).any():
         lines.append(f"- {cut.mean():.0%} of the test reviews were cut; accuracy on them {correct[cut].mean():.4f}, "
                      f"on the others {correct[~cut].mean():.4f}.")
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")

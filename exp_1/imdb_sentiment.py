@@ -32,9 +32,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
 
 
 def keep_ends(texts: list[str], spans: list, budget: int, truncation: str) -> list[str]:
-    """Cut reviews longer than `budget` tokens (special tokens not counted) to their last tokens (`tail`) or to
-    their first quarter and last three quarters (`head_tail`: Sun et al. 2019 kept the first 128 and last 382 of
-    512 tokens on IMDB, since reviews often end with the verdict). Cuts fall on token boundaries, via the fast
+    """Cut reviews longer than `budget` tokens (special tokens not counted) to their last `budget` tokens (`tail`),
+    or to their first budget/4 and last 3 x budget/4 tokens (`head_tail`: Sun et al. 2019 kept the first 128 and
+    last 382 of 512 tokens on IMDB, since reviews often end with the verdict). Cuts fall on token boundaries, via the fast
     tokenizer's character offsets (`spans`, one list per review)."""
     head = budget // 4 if truncation == "head_tail" else 0
     cut = []

@@ -26,6 +26,7 @@ from exp_1.data import make_collator, encode
 from exp_1.model import SentimentClassifier, load_run, model_inputs
 from exp_1.device import pick_device
 from exp_1.files import write_file
+from exp_1.rundir import RunDir
 from exp_1.precision import autocast, pick_precision
 from exp_1.train import to_device
 
@@ -109,8 +110,8 @@ def main(argv=None) -> list[tuple[str, float]]:
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_intermixed_args(argv)
 
-    if not (args.run / "config.yaml").is_file():
-        raise UserError(f"{args.run} is not a run directory (no config.yaml)")
+    if not RunDir(args.run).is_run():
+        raise UserError(f"{args.run} is not a run directory of this project (no valid run.json)")
     if not (args.run / "metrics.json").is_file():
         raise UserError(f"{args.run} has not finished training (no metrics.json); finish it with --resume first")
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".jsonl"):

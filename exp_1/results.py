@@ -358,7 +358,8 @@ def _series(run: Run, key: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def curve_plot(rows: list[Row], key: str, title: str, ylabel: str, percent: bool = False) -> bytes:
-    """A row's mean over its seeds as a line; each seed faintly when there are several. Validation per epoch;
+    """A row's mean over its seeds as a line (over the validations all its seeds reached, when early stopping ended
+    some sooner); each seed faintly when there are several. Validation at each validation's fractional epoch;
     training per optimizer step, or per epoch of samples seen when rows differ in effective batch (like the
     WandB dashboard), so that runs with fewer, larger steps line up."""
     by_samples = len({row.first.metrics["effective_batch_size"] for row in rows}) > 1
@@ -545,9 +546,9 @@ def experiment_files(experiment: str, runs: list[Run]) -> dict[str, bytes]:
     """Everything OUT/<experiment>/ holds, made in memory first."""
     rows = group_rows(runs)
     comparisons = compare(rows)
-    files = {"val_loss.png": curve_plot(rows, "val/loss", f"{experiment}: validation loss after each epoch",
+    files = {"val_loss.png": curve_plot(rows, "val/loss", f"{experiment}: validation loss at each validation",
                                         "cross-entropy loss (nats)"),
-             "val_accuracy.png": curve_plot(rows, "val/accuracy", f"{experiment}: validation accuracy after each epoch",
+             "val_accuracy.png": curve_plot(rows, "val/accuracy", f"{experiment}: validation accuracy at each validation",
                                             "accuracy (%)", percent=True),
              "train_loss.png": curve_plot(rows, "train/loss", f"{experiment}: training loss",
                                           "cross-entropy loss (nats)")}

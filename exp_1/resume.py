@@ -3,6 +3,7 @@ so that a kill at any moment leaves either a complete, verifiable point or none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from exp_1.errors import RunStopped, UserError, WriteFailed
 from exp_1.files import fsync_dir, sha256_of, write_file
 from exp_1.model import Weights, load_weights
-from exp_1.rundir import POINT_FILES, RESUME_ADVICE, RunDir
+from exp_1.rundir import NOT_TRAINING, POINT_FILES, RESUME_ADVICE, RunDir
 
 
 class ResumePoints:
@@ -40,7 +41,12 @@ class ResumePoints:
         self.is_main = process_index == 0
 
     def identity(self) -> dict:
-        return {"run_id": self.run.marker().get("id"), "config_sha256": sha256_of(self.run.path / "config.yaml")}
+        """The run a point belongs to: its id, and a checksum of what its config.yaml says about training (so that
+        re-saving the file, or a key a resume may change, does not disown the points)."""
+        trained = {k: v for k, v in _flat(self.run.saved_config()).items()
+                   if k not in NOT_TRAINING and not k.startswith("tracking.")}
+        config = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
+        return {"run_id": self.run.marker().get("id"), "config_sha256": config}
 
     def save(self, weights: Weights, state) -> None:
         """`weights`: the model serialised (every process passes its own; the main process writes it)."""
@@ -113,6 +119,7 @@ class ResumePoints:
         state = trainer["state"]
         if self.is_main:
             self._restore_best(folder, files, state)
+            self._restore_last(folder)
             self.run.write_file("history.jsonl", (folder / "history.jsonl").read_bytes())
             print(f"resuming {self.run.path} from resume point {folder.name}: epoch {state['epoch']}, micro-batch "
                   f"{state['batches_done']}, optimizer step {state['step']}")
@@ -181,6 +188,29 @@ class ResumePoints:
                 return
         raise UserError(f"--resume: {self.run.best} is damaged or missing (its checksum differs from the one recorded "
                         "when it was written) and no resume point holds it; start the run again with --overwrite")
+
+
+    def _restore_last(self, folder: Path) -> None:
+        """A point saved at a validation holds that validation's weights, which last.safetensors must be: a kill
+        between the point and the checkpoints is repaired here too."""
+        weights = folder / "model.safetensors"
+        if "step" in _checkpoint_metadata(weights) and not (
+                self.run.last.is_file() and sha256_of(self.run.last) == sha256_of(weights)):
+            self.run.write_file("checkpoints/last.safetensors", weights.read_bytes())
+
+
+def _checkpoint_metadata(path: Path) -> dict:
+    """What Weights.of recorded in a safetensors file (a validation's step, epoch and metrics), or {}."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return json.loads(header.get("__metadata__", {}).get("checkpoint", "{}"))
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

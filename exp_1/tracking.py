@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from exp_1.config import PROJECT_NAME, PROJECT_ROOT, StepLayout, to_plain_dict
-from exp_1.rundir import RunDir
+from exp_1.rundir import MARKER, RunDir
 
 LABELS = ("negative", "positive")
 
@@ -92,6 +92,9 @@ class Tracker:
         self._started_message = ""
         self._starting: Optional[threading.Thread] = None
         if active:
+            marker = run.marker()
+            if wandb_run_id(run) != marker["wandb_id"]:  # an agent's id: kept, so that a later --resume continues it
+                run.write_json(MARKER, {**marker, "wandb_id": wandb_run_id(run)})
             self._starting = threading.Thread(target=self._start_wandb, name="wandb-start", daemon=True)
             self._starting.start()
 
@@ -173,7 +176,7 @@ class Tracker:
                 continue
             self._started_message = (f"WandB: {self.wandb_run.url}" if attempt == "online" else
                                      f"WandB: offline run in {self.run.path / 'wandb'} (upload it later with "
-                                     "`wandb sync`, see the README)")
+                                     "`wandb sync`, see docs/wandb.md)")
             return
 
     def _send_earlier(self, mode: str) -> None:

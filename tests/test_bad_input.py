@@ -162,7 +162,10 @@ def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, dam
     if layout:
         point = run / "checkpoints" / "resume" / "point-000001"
         point.mkdir(parents=True)
-        identity = {"run_id": run_id, "config_sha256": hashlib.sha256(saved.encode()).hexdigest()}
+        from exp_1.resume import ResumePoints
+        from exp_1.rundir import RunDir
+
+        identity = {**ResumePoints(RunDir(run), {}, None, None, None, None).identity(), "run_id": run_id}
         contents = {"trainer.json": json.dumps({"run": identity, "layout": layout, "state": {}}), "model.safetensors": "m",
                     "optimizer.safetensors": "o", "history.jsonl": "", "rng_0.safetensors": "r"}
         for file, content in contents.items():

@@ -40,7 +40,7 @@ def test_validation_every_n_steps_happens_at_exactly_those_steps_and_any_may_be_
     assert len(points) == 2  # every validation wrote a point; the newest two are kept
 
 
-@pytest.mark.parametrize("script", ["exp2", "accelerate x2"])
+@pytest.mark.parametrize("script", ["exp2", pytest.param("accelerate x2", marks=pytest.mark.slow)])
 def test_early_stopping_stops_at_the_expected_validation_under_1_and_2_processes(script, tmp_path, tiny_bert,
                                                                                  reviews_dir):
     """With an lr of 0 nothing improves after the first validation: patience 2 stops at the third."""

@@ -154,9 +154,13 @@ def test_a_launchers_unchosen_default_is_not_taken_for_a_choice(tmp_path, tiny_b
 def test_the_installed_package_runs_outside_the_repository(tmp_path, tiny_bert, reviews_dir):
     """What `pip install .` puts on the path (packages exp_1 and exp_2, built from pyproject.toml) runs a tiny
     experiment from another folder; the dependencies come from this environment (CI installs them afresh too)."""
-    site = tmp_path / "site"
+    import shutil
+
+    site, source = tmp_path / "site", tmp_path / "source"  # built from a copy: the build leaves build/ and egg-info
+    shutil.copytree(PROJECT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "build",
+                                                                   "*.egg-info", "training_results", "__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target",
-                            str(site), str(PROJECT)], capture_output=True, text=True, timeout=300)
+                            str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     assert {"exp_1", "exp_2"} <= {p.name for p in site.iterdir()}
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1})

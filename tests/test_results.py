@@ -285,6 +285,7 @@ def test_predict_bad_input_is_one_line(case, finished, tmp_path, monkeypatch, ca
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((finished / "bert_b8" / "config.yaml").read_text())
+    (unfinished / "run.json").write_text((finished / "bert_b8" / "run.json").read_text())
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     (tmp_path / "notext.csv").write_text("review,stars\ngood,5\n")
     (tmp_path / "latin1.txt").write_bytes("très bon film".encode("latin-1"))

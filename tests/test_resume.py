@@ -103,7 +103,7 @@ def workspace(tmp_path_factory, tiny_bert, fork_server):
 # ----------------------------------------------------------------------------------------------- SIGKILL soak
 
 SOAKED = {"exp1": ["train.batch_size=4"], "exp2": ACCUMULATE, "accelerate x2": ACCUMULATE}
-CONTROLS = ["train.eval_every_steps=10", "train.early_stopping_patience=3"]  # mid-epoch validations, early stop
+CONTROLS = ["train.eval_every_steps=15", "train.early_stopping_patience=2"]  # mid-epoch validations, early stop
 
 
 @pytest.mark.parametrize("script, kills", [("exp1", 3), pytest.param("exp1", 20, marks=pytest.mark.slow),
@@ -293,11 +293,14 @@ def test_two_simultaneous_starts_of_one_run_let_exactly_one_train(workspace, for
 
 # ----------------------------------------------------------------------------------------------- damaged files
 
+STOPPED = [*ACCUMULATE, "checkpoint.every_steps=10"]  # fewer points to write: the faults below need two
+
+
 @pytest.fixture(scope="module")
 def stopped_run(workspace):
     """An exp_2 run stopped (in this process) at optimizer step 57 of 90, in epoch 2, with its uninterrupted twin."""
     config, runs, _ = workspace
-    exp2.main(["--config", str(config), "name=inprocess_whole", *ACCUMULATE])
+    exp2.main(["--config", str(config), "name=inprocess_whole", *STOPPED])
     from exp_1 import train
 
     real = train.Meter.step_done
@@ -310,7 +313,7 @@ def stopped_run(workspace):
     train.Meter.step_done = stops_at_57
     try:
         with pytest.raises(KeyboardInterrupt):
-            exp2.main(["--config", str(config), "name=inprocess_stopped", *ACCUMULATE])
+            exp2.main(["--config", str(config), "name=inprocess_stopped", *STOPPED])
     finally:
         train.Meter.step_done = real
     return config, runs / "inprocess_whole", runs / "inprocess_stopped"
@@ -339,7 +342,7 @@ def test_a_damaged_resume_point_falls_back_to_the_previous_one_in_one_line(file,
     config, reference, run = stopped
     newest, previous = RunDir(run).resume_points()[:2]
     _damage(newest / file)
-    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     said = [line for line in capsys.readouterr().out.splitlines() if "unusable" in line]
     assert said == [f"resume point {newest.name} is unusable ({'manifest.json is missing or damaged' if file == 'manifest.json' else file + ': checksum differs'}); using the previous one, {previous.name}"]
     _same_results(reference, run)
@@ -352,14 +355,14 @@ def test_no_usable_resume_point_is_one_line_and_changes_nothing(stopped):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match=r"no usable resume point .*\(point-\d+ is unusable \(optimizer.safetensors: "
                                         r"checksum differs\); point-\d+ is unusable"):
-        exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+        exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_a_damaged_best_checkpoint_is_restored_from_the_resume_point_it_is_kept_in(stopped):
     config, reference, run = stopped
     _damage(run / "checkpoints" / "best.safetensors")
-    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     _same_results(reference, run)
 
 
@@ -370,7 +373,7 @@ def test_a_damaged_best_checkpoint_no_point_can_restore_stops_the_resume_before_
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="best.safetensors is damaged or missing .* no resume point holds it; start "
                                         "the run again with --overwrite"):
-        exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+        exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -383,7 +386,7 @@ def test_a_best_checkpoint_replaced_by_a_later_one_is_restored_from_the_resume_p
     replacement = run / "checkpoints" / "replacement"
     replacement.write_bytes(later.read_bytes())
     os.replace(replacement, run / "checkpoints" / "best.safetensors")
-    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     _same_results(reference, run)
 
 
@@ -399,7 +402,7 @@ def test_a_resume_point_copied_from_another_run_is_skipped_in_one_line(stopped, 
     manifest = json.loads((newest / "manifest.json").read_text())
     manifest["files"]["trainer.json"] = hashlib.sha256((newest / "trainer.json").read_bytes()).hexdigest()
     (newest / "manifest.json").write_text(json.dumps(manifest))
-    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     assert (f"resume point {newest.name} is unusable (it belongs to another run); using the previous one, "
             f"{previous.name}") in capsys.readouterr().out
     _same_results(reference, run)
@@ -410,7 +413,7 @@ def test_a_shortened_history_is_restored_exactly_from_the_resume_point(stopped):
     config, reference, run = stopped
     history = run / "history.jsonl"
     history.write_bytes(history.read_bytes()[:-700])
-    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     assert b"\0" not in history.read_bytes()
     _same_results(reference, run)
 
@@ -425,7 +428,7 @@ def test_a_half_written_resume_point_is_ignored(stopped):
     half = newest.with_name(f".point-{int(newest.name.split('-')[1]) + 1:06d}.tmp")
     shutil.copytree(newest, half)
     (half / "manifest.json").unlink()
-    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), f"name={run.name}", "--resume", *STOPPED])
     _same_results(reference, run)
 
 
@@ -440,10 +443,10 @@ def test_a_kill_between_the_epoch_point_and_the_best_checkpoint_is_repaired(work
 
     monkeypatch.setattr(Dir, "save_checkpoints", killed_before_writing)
     with pytest.raises(KeyboardInterrupt):
-        exp2.main(["--config", str(config), "name=unwritten_best", *ACCUMULATE])
+        exp2.main(["--config", str(config), "name=unwritten_best", *STOPPED])
     monkeypatch.undo()
     assert not (runs / "unwritten_best" / "checkpoints" / "best.safetensors").exists()
-    exp2.main(["--config", str(config), "name=unwritten_best", "--resume", *ACCUMULATE])
+    exp2.main(["--config", str(config), "name=unwritten_best", "--resume", *STOPPED])
     _same_results(reference, runs / "unwritten_best")
 
 

@@ -136,8 +136,8 @@ def test_removing_or_replacing_the_lock_stops_the_writer_and_a_newcomer_waits(ho
     """A tidying tool deletes .lock (then another recreates it) while a run trains: a second start is refused while
     the first lives (it is paused here, so that it is certainly alive), and the first stops in one line at its next
     write instead of writing on beside it. The run then resumes and ends with every step once."""
-    config = tiny_config(tmp_path, tiny_bert, reviews_dir, checkpoint={"every_steps": 2},
-                         train={"epochs": 3, "batch_size": 4})
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, checkpoint={"every_steps": 5},
+                         train={"epochs": 1, "batch_size": 4})
     run = tmp_path / "runs" / "tiny"
     for replace in {"removed": (False, True), "replaced": (True,)}[how]:
         first = fork_server.start("exp1", ["--config", config, "--continue"])

@@ -18,6 +18,7 @@ from exp_1.stats import (
 )
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_covers_true_accuracy_about_95_percent():
     """Over 400 synthetic test sets, the 95% bootstrap interval covers the true accuracy 92-98% of the time."""
     # p_true is off the k/n lattice on purpose: with p_true = 0.88 an interval endpoint lands exactly on it in ~2% of

@@ -154,9 +154,9 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_with_every_step_once(tmp_path
 
 @pytest.mark.parametrize("environment, config, expected", [
     ({"WANDB_MODE": "disabled"}, {}, None),
-    ({"WANDB_MODE": "disabled"}, {"wandb_mode": "offline"}, {}),
-    ({"WANDB_PROJECT": "from-env", "WANDB_RUN_GROUP": "env-group", "WANDB_TAGS": "a,b"}, {},
-     {"project": "from-env", "run_group": "env-group", "tags": ["a", "b"]}),
+    pytest.param({"WANDB_MODE": "disabled"}, {"wandb_mode": "offline"}, {}, marks=pytest.mark.slow),
+    pytest.param({"WANDB_PROJECT": "from-env", "WANDB_RUN_GROUP": "env-group", "WANDB_TAGS": "a,b"}, {},
+                 {"project": "from-env", "run_group": "env-group", "tags": ["a", "b"]}, marks=pytest.mark.slow),
     ({"WANDB_PROJECT": "from-env", "WANDB_RUN_GROUP": "env-group"}, {"wandb_project": "from-config", "group": "mine"},
      {"project": "from-config", "run_group": "mine"}),
 ], ids=["WANDB_MODE=disabled", "config wins over WANDB_MODE", "WANDB_* when the config is unset", "config wins"])
