@@ -28,8 +28,9 @@ def _metrics(run: Path) -> dict:
 
 
 def _span(run: Path) -> tuple[float, float]:
-    times = [json.loads(line)["time"] for line in (run / "history.jsonl").read_text().splitlines()]
-    return min(times), max(times)
+    """When the run was under way: from its start to its metrics.json."""
+    end = (run / "metrics.json").stat().st_mtime
+    return end - json.loads((run / "metrics.json").read_text())["wall_seconds"], end
 
 
 def _first_table(readme: Path) -> list[str]:
