@@ -7,8 +7,9 @@ import difflib
 import re
 
 import pytest
+import torch
 
-from conftest import PROJECT
+from conftest import PROJECT, tiny_config
 
 SCRIPTS = {"exp_1/main.py": {"one step per batch", "plain PyTorch"},
            "exp_2/main.py": {"accumulation", "plain PyTorch"},
@@ -73,3 +74,41 @@ def test_the_check_catches_a_fix_carried_to_one_loop_only(tmp_path):
                                                "log = due(cfg.train.log_every, state.step)"))
     assert "exp_2/main.py: log = due(cfg.train.log_every, state.step)" in untagged_differences(
         "exp_1/main.py", "exp_2/main.py", tmp_path)
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_the_host_waits_for_the_device_only_at_log_validation_and_save_points(script, tmp_path, tiny_bert,
+                                                                               reviews_dir, monkeypatch):
+    """The loss and gradient norm of each step reach the meter as device tensors, unread, and are read back in one
+    transfer (TrainingState.settle) only at the steps that log, validate or save: with log_every 4 and a
+    validation at the epoch's end, 6 of 23 steps, not every step (which would stall a GPU at each)."""
+    import importlib
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from exp_1.train import Meter, TrainingState
+
+    read_at, unread = [], []
+    settle, step_done = TrainingState.settle, Meter.step_done
+
+    def settle_and_note(self, *args, **kwargs):
+        read_at.append(self.step)
+        return settle(self, *args, **kwargs)
+
+    def step_done_and_check(self, loss, grad_norm, lr):
+        unread.append(torch.is_tensor(loss) and torch.is_tensor(grad_norm))
+        return step_done(self, loss, grad_norm, lr)
+
+    monkeypatch.setattr(TrainingState, "settle", settle_and_note)
+    monkeypatch.setattr(Meter, "step_done", step_done_and_check)
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1, "log_every": 4})
+    args = ["--config", str(config)] + ([] if script == "exp_1/main.py" else ["train.grad_accum_steps=2",
+                                                                                "train.batch_size=4"])
+    AcceleratorState._reset_state(True), GradientState._reset_state()
+    try:
+        metrics = importlib.import_module(script.removesuffix(".py").replace("/", ".")).main(args)
+    finally:
+        AcceleratorState._reset_state(True), GradientState._reset_state()
+    steps = metrics["optimizer_steps"]
+    assert steps == 23 and unread == [True] * steps
+    assert read_at == [4, 8, 12, 16, 20, 23]  # the epoch's end logs, validates and saves in one read
