@@ -39,14 +39,18 @@ class ResumePoints:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.process_index, self.barrier = process_index, barrier
         self.is_main = process_index == 0
+        self._identity: Optional[dict] = None
 
     def identity(self) -> dict:
         """The run a point belongs to: its id, and a checksum of what its config.yaml says about training (so that
-        re-saving the file, or a key a resume may change, does not disown the points)."""
-        trained = {k: v for k, v in _flat(self.run.saved_config()).items()
-                   if k not in NOT_TRAINING and not k.startswith("tracking.")}
-        config = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
-        return {"run_id": self.run.marker().get("id"), "config_sha256": config}
+        re-saving the file, or a key a resume may change, does not disown the points). Read once: neither changes
+        while the run trains."""
+        if self._identity is None:
+            trained = {k: v for k, v in _flat(self.run.saved_config()).items()
+                       if k not in NOT_TRAINING and not k.startswith("tracking.")}
+            config = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
+            self._identity = {"run_id": self.run.marker().get("id"), "config_sha256": config}
+        return self._identity
 
     def save(self, weights: Weights, state) -> None:
         """`weights`: the model serialised (every process passes its own; the main process writes it)."""
