@@ -5,8 +5,11 @@
 For a small random BERT and a small random ModernBERT (reviews longer than its sliding window, so its local layers
 are exercised), one packed micro-batch through PACKED attention (flash varlen in bf16 on CUDA) is compared with the
 same reviews padded through SDPA: logits, loss and every parameter's gradient, in bf16 autocast (so both sides round
-alike) and against the fp32 padded reference. Then the packed model is compiled and trained on packed rows of
-changing length and review count, counting how often it compiled. Prints one line per check and exits 1 if any fails.
+alike) and against the fp32 padded reference. The fixed-shape rows of train.cuda_graphs (tokens padded to a bucket,
+empty review slots) are compared with the tight packed row the same way. Then the packed model is compiled and
+trained on packed rows of changing length and review count, counting how often it compiled, and compiled with CUDA
+graphs (mode reduce-overhead) over bucketed rows, timing a replayed step against the compiled one. Prints one line
+per check and exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModel, AutoTokenizer, BertConfig, ModernBertConfig
 
 from exp_1.config import ModelConfig
-from exp_1.model import compile_model, load_model, weighted_loss
-from exp_1.packing import PACKED
+from exp_1.model import compile_model, load_model, model_inputs, weighted_loss
+from exp_1.packing import BUCKET, PACKED
 
 BF16_TOLERANCE = 3e-2  # relative error of bf16 operands: between 1e-3 and 1e-2 per op, a few layers deep
 
@@ -64,21 +67,21 @@ def features(tokenizer, lengths: list[int], seed: int) -> list[dict]:
     return rows
 
 
-def pack(rows: list[dict]) -> dict:
-    """These reviews as one packed row, as the training loader builds it (exp_1.data.PackedRows)."""
+def pack(rows: list[dict], slots: int | None = None, max_length: int = 512) -> dict:
+    """These reviews as one packed row, as the training loader builds it (exp_1.data.PackedRows); with `slots`, the
+    fixed-shape row of train.cuda_graphs."""
     import datasets
 
     from exp_1.data import PackedRows
 
     data = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "label": r["label"]} for r in rows])
-    return PackedRows(data).__getitems__([(i, r["loss_weight"]) for i, r in enumerate(rows)])
+    return PackedRows(data, slots, max_length).__getitems__([(i, r["loss_weight"]) for i, r in enumerate(rows)])
 
 
 def run(model, batch, device, precision):
     model.zero_grad(set_to_none=True)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen",
-                                    "num_tokens") if k in batch}
+    inputs = model_inputs(batch)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(**inputs)
     loss = weighted_loss(logits, batch)
@@ -140,47 +143,82 @@ def compare(name: str, path: str, device) -> bool:
     return ok
 
 
+def buckets(name: str, path: str, device) -> bool:
+    """train.cuda_graphs' fixed-shape row (tokens padded to a multiple of BUCKET, 4 empty review slots, the padding
+    cut into sequences of at most max_length) against the tight packed row, both through the flash kernel in bf16:
+    the reviews' logits, the loss and every gradient."""
+    tokenizer, model = load(path, PACKED)
+    model.to(device).train()
+    rows = [{k: v for k, v in r.items() if k != "attention_mask"}
+            for r in features(tokenizer, [256, 17, 130, 64, 200, 3], seed=1)]
+    tight, bucketed = pack(rows), pack(rows, slots=len(rows) + 4, max_length=512)
+    ours, theirs = run(model, bucketed, device, "bf16"), run(model, tight, device, "bf16")
+    names = sorted(theirs[2])
+    errors = {"logits": relative(ours[0][:len(rows)], theirs[0]), "loss": relative(ours[1], theirs[1]),
+              "gradients": relative(torch.cat([ours[2][n].flatten() for n in names]),
+                                    torch.cat([theirs[2][n].flatten() for n in names]))}
+    good = max(errors.values()) < BF16_TOLERANCE and bucketed["input_ids"].shape[1] % BUCKET == 0
+    print(f"{'ok  ' if good else 'FAIL'} {name} bucketed row ({bucketed['input_ids'].shape[1]} tokens for "
+          f"{tight['input_ids'].shape[1]}) vs tight packed row (bf16): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    return good
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def compiled_packed(path: str, device) -> bool:
-    """Train a compiled packed model on rows of changing length and review count; count compilations."""
+def compiled_packed(path: str, device, graphs: bool = False) -> bool:
+    """Train a compiled packed model on rows of changing length and review count; count compilations and time the
+    steps after the first three. With `graphs`, compiled with CUDA graphs (mode reduce-overhead) on train.cuda_graphs'
+    bucketed rows, each step begun with cudagraph_mark_step_begin as the training loops do."""
+    import statistics
+
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     tokenizer, model = load(path, PACKED)
     _, eager = load(path, PACKED)
     eager.load_state_dict(model.state_dict())  # the head is initialised afresh at each load
     model.to(device).train()
     eager.to(device).train()
-    compile_model(model, packed=True)
+    compile_model(model, packed=True, cuda_graphs=graphs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    longest = 512 if device.type == "cuda" else 64
     started = time.perf_counter()
-    ok = True
-    for step in range(8):
+    ok, times, shapes = True, [], set()
+    for step in range(12):
         g = torch.Generator().manual_seed(step)
-        lengths = torch.randint(3, 512 if device.type == "cuda" else 64, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
-        batch = pack(features(tokenizer, lengths, seed=step))
+        lengths = torch.randint(3, longest, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
+        rows = features(tokenizer, lengths, seed=step)
+        batch = pack(rows, slots=40, max_length=longest) if graphs else pack(rows)
+        shapes.add(batch["input_ids"].shape[1])
+        sync(device)
+        t = time.perf_counter()
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         logits, loss, grads = run(model, batch, device, "bf16")
+        optimizer.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
         if step == 0:
-            sync(device)
             first = time.perf_counter() - started
             reference = run(eager, batch, device, "bf16")
-            errors = [relative(logits, reference[0]), relative(torch.cat([grads[n].flatten() for n in sorted(grads)]),
-                                                              torch.cat([reference[2][n].flatten() for n in sorted(grads)]))]
+            errors = [relative(logits[:len(rows)], reference[0][:len(rows)]),
+                      relative(torch.cat([grads[n].flatten() for n in sorted(grads)]),
+                               torch.cat([reference[2][n].flatten() for n in sorted(grads)]))]
             ok = max(errors) < BF16_TOLERANCE
-            print(f"{'ok  ' if ok else 'FAIL'} compiled packed vs eager packed, first step: logits {errors[0]:.2e}, "
-                  f"gradients {errors[1]:.2e}")
-        optimizer.step()
-    sync(device)
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    recompiles = sum(torch._dynamo.utils.counters["recompiles"].values()) if "recompiles" in torch._dynamo.utils.counters else 0
-    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+            print(f"{'ok  ' if ok else 'FAIL'} compiled packed{' + CUDA graphs' if graphs else ''} vs eager packed, "
+                  f"first step: logits {errors[0]:.2e}, gradients {errors[1]:.2e}")
+    counters = torch._dynamo.utils.counters
+    frames = counters["stats"]["unique_graphs"]
+    recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    breaks = dict(counters["graph_break"])
     good = recompiles <= 1 and ok
-    print(f"{'ok  ' if recompiles <= 1 else 'FAIL'} compiled packed training, 8 steps of changing shape: {frames} graphs, "
-          f"{recompiles} recompilations, first step {first:.1f} s, all {time.perf_counter() - started:.1f} s; "
+    print(f"{'ok  ' if recompiles <= 1 else 'FAIL'} compiled packed training{' with CUDA graphs' if graphs else ''}, "
+          f"12 steps of changing shape ({len(shapes)} token shapes): {frames} graphs, {recompiles} recompilations, "
+          f"first step {first:.1f} s, median later step {1e3 * statistics.median(times[3:]):.1f} ms; "
           f"graph breaks: {breaks or 'none'}")
     return good
 
@@ -206,14 +244,17 @@ def main() -> None:
             break
         try:
             ok &= compare(kind, path, device)
+            ok &= buckets(kind, path, device)
         except Exception as err:  # report and go on to the next check
             ok = False
             print(f"FAIL {kind}: {type(err).__name__}: {err}")
-    try:
-        ok &= compiled_packed(paths["modernbert"], device)
-    except Exception as err:
-        ok = False
-        print(f"FAIL compiled packed training: {type(err).__name__}: {str(err)[:2000]}")
+    for graphs in (False, True):
+        try:
+            ok &= compiled_packed(paths["modernbert"], device, graphs)
+        except Exception as err:
+            ok = False
+            print(f"FAIL compiled packed training{' with CUDA graphs' if graphs else ''}: {type(err).__name__}: "
+                  f"{str(err)[:2000]}")
     sys.exit(0 if ok else 1)
 
 

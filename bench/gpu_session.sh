@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, most important first, inside a time budget, every figure written to $OUT as it comes (a session
 # cut off still returns what it measured). docs/performance.md says what each stage decides.
-#   1 check           packed flash varlen and fixed-shape buckets against padded SDPA; compiled against eager
+#   1 check           packed flash varlen against padded SDPA, fixed-shape buckets against tight packed rows;
+#                     compiled, and compiled with CUDA graphs, against eager (graphs, recompilations, step time)
 #   2 modernbert_b32  ModernBERT-base shape, batch 32, 200 steps: packed eager / compiled / compiled + CUDA graphs,
 #                     and HF Trainer; the compile's payback over 200 steps
 #   3 minilm_b32      the same for all-MiniLM-L6-v2
@@ -55,16 +56,16 @@ stage() {  # stage NAME SECONDS_NEEDED COMMAND...: runs it if the budget still h
 MINILM=sentence-transformers/all-MiniLM-L6-v2
 if [ -z "$DRY_RUN" ]; then  # full sizes
   SHAPE="--random-modernbert --model $MINILM"; LEN=512; B32=32; STEPS=200; OOM_BATCH=8192
-  STUDY="data.max_train_samples=12000"; JOBS=4
+  STUDY="data.max_train_samples=12000"; JOBS=4; CHECK_DEVICE=cuda
 else  # toy sizes: the same commands, minutes on 2 cores
   SHAPE="--random-weights --model $MINILM"; LEN=64; B32=8; STEPS=3; OOM_BATCH=64
-  STUDY="data.max_train_samples=256 data.max_val_samples=64 data.max_test_samples=64 data.max_length=64"; JOBS=2
+  STUDY="data.max_train_samples=256 data.max_val_samples=64 data.max_test_samples=64 data.max_length=64"; JOBS=2; CHECK_DEVICE=cpu
 fi
 BENCH="python3 bench/train_throughput.py --data $DATA --max-length $LEN --warmup 3"
 COMPILED=("this project, packed" "this project, packed + compiled" "this project, packed + compiled + CUDA graphs"
           "HF Trainer, same settings")
 
-stage check 60 python3 bench/gpu_check.py --tokenizer "$MINILM"
+stage check 150 python3 bench/gpu_check.py --tokenizer "$MINILM" --device $CHECK_DEVICE
 stage modernbert_b32 240 $BENCH $SHAPE --batch-size $B32 --steps $STEPS --json "$OUT/modernbert_b32.json" \
   --only "${COMPILED[@]}"
 stage minilm_b32 150 $BENCH --random-weights --model $MINILM --batch-size $B32 --steps $STEPS \

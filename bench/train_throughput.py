@@ -402,7 +402,7 @@ def report(args, results: dict, peaks: dict, device) -> str:
             saved = eager["seconds"] / eager["steps"] - compiled["seconds"] / compiled["steps"]
             extra = compiled["first_step_seconds"] - eager["first_step_seconds"]
             lines += ["", f"{name.split(', ', 1)[1]}: the first step takes {extra:.1f} s longer and each later step "
-                      f"{1000 * saved:.1f} ms " + (f"shorter, so it pays back after {max(extra, 0) / saved:.0f} "
+                      f"{1000 * abs(saved):.1f} ms " + (f"shorter, so it pays back after {max(extra, 0) / saved:.0f} "
                                                  "optimizer steps" if saved > 0 else "longer, so it never pays back")]
     return "\n".join(lines)
 
