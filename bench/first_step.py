@@ -25,7 +25,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 def time_to_first_step(argv: list[str], output_dir: str, timeout: float = 300) -> float:
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, str(PROJECT / "exp_1" / "main.py"), *argv, f"output_dir={output_dir}",
-                                "name=first_step", "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                "name=first_step", "train.progress=bar", "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = ""
     while not seen.endswith("epoch 1:"):

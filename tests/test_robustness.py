@@ -64,7 +64,7 @@ def test_a_damaged_best_checkpoint_is_refused_by_predict_load_run_and_results(fi
 
 
 @pytest.mark.parametrize("reader", ["results", pytest.param("sweep", marks=pytest.mark.slow)])
-def test_a_finished_folder_without_the_marker_is_never_a_result(reader, finished_run, tmp_path, capsys):
+def test_a_finished_folder_without_the_marker_is_never_a_result(reader, finished_run, tmp_path):
     config, run = finished_run
     copy = tmp_path / "runs" / "tiny"
     shutil.copytree(run, copy)
@@ -73,9 +73,10 @@ def test_a_finished_folder_without_the_marker_is_never_a_result(reader, finished
         with pytest.raises(UserError, match="is not a run directory of this project"):
             results.main([str(copy), "--out", str(tmp_path / "out")])
         return
-    outcomes = sweep.main([str(config), f"output_dir={tmp_path / 'runs'}", "--out", str(tmp_path / "out")])
-    assert outcomes == {copy: "failed"} and not (tmp_path / "out").exists()  # refused by the run itself
-    assert "exists and is not a run directory" in capsys.readouterr().out
+    before = sorted(p.name for p in copy.rglob("*"))
+    with pytest.raises(UserError, match="exists and is not a run directory"):  # before any run starts
+        sweep.main([str(config), f"output_dir={tmp_path / 'runs'}", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in copy.rglob("*")) == before
 
 
 def test_results_refuse_files_with_values_of_the_wrong_type(finished_run, tmp_path):
