@@ -219,6 +219,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
             run.write_json("metrics.json", metrics)
             tracker.finish(metrics, test_rows, texts, step=state.step)
         accelerator.wait_for_everyone()  # no process ends the process group while another still writes [accelerate]
+        leave_together(accelerator)  # [accelerate]
         accelerator.end_training()  # [accelerate]
     accelerator.print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on "  # [accelerate]
                       f"{test['n']} reviews (best at epoch {state.best_epoch}); results in {run.path}")
@@ -237,6 +238,22 @@ def main(argv=None) -> dict:
         raise LostPeer(f"another process of this run stopped answering ({(str(err).strip().splitlines() or [type(err).__name__])[0][:160]}); "
                        f"what was saved is kept: continue with --resume (train.peer_timeout={cfg.train.peer_timeout} "
                        "s sets how long processes wait for each other)") from None
+
+
+def leave_together(accelerator) -> None:
+    """After the last collective, the first process (whose process hosts the rendezvous store) waits until every
+    other process has returned from it before it tears down: gloo may still be delivering its last message when a
+    barrier returns on one side, and a process that exits then leaves another waiting for that message until
+    train.peer_timeout. Each process checks in through the store, whose requests are answered."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    if accelerator.is_main_process:
+        store.wait([f"left/{rank}" for rank in range(1, accelerator.num_processes)])  # bounded by train.peer_timeout
+    else:
+        store.set(f"left/{accelerator.process_index}", "1")
 
 
 def _lost_peer(err: RuntimeError) -> bool:
