@@ -38,7 +38,6 @@ subprocess.run(command, cwd=work, check=True)
 metrics = json.loads((work / "runs" / "tiny" / "metrics.json").read_text())
 assert metrics["n_test"] == 20, metrics
 print(f"pip install . works: imdb-exp1 trained a tiny run to test accuracy {metrics['test_accuracy']}")
-shutil.rmtree(work)
 
 export = [str(Path(sys.executable).with_name("imdb-export")), str(work / "runs" / "tiny"), str(work / "exported")]
 subprocess.run(export, cwd=work, check=True)
@@ -47,3 +46,4 @@ from transformers import pipeline  # noqa: E402
 answer = pipeline("text-classification", model=str(work / "exported"), trust_remote_code=True)("great wonderful film")
 assert answer[0]["label"] in ("negative", "positive"), answer
 print(f"imdb-export works: the exported folder loads with pipeline and answers {answer[0]}")
+shutil.rmtree(work)
