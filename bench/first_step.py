@@ -24,9 +24,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def time_to_first_step(argv: list[str], output_dir: str, timeout: float = 300) -> float:
     started = time.perf_counter()
+    # the bar (on stderr) marks the first step; a pipe would otherwise get plain lines, at log steps only
     process = subprocess.Popen([sys.executable, str(PROJECT / "exp_1" / "main.py"), *argv, f"output_dir={output_dir}",
-                                "name=first_step", "train.progress=bar", "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                "name=first_step", "train.progress=bar", "--overwrite"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = ""
     while not seen.endswith("epoch 1:"):
         chunk = process.stderr.read(1)
