@@ -7,7 +7,6 @@ one seeded stratified split assigns every remaining review to exactly one of tra
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,9 +246,9 @@ def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_
     """Batched fast tokenisation through `datasets.map`, cached on disk by content, tokenizer, max_length and
     truncation, so the second start of the same config does not tokenise again."""
     key = hashlib.sha256()
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None), spec.pop("padding", None)  # call state, changed by tokenising itself
-    key.update(json.dumps(spec, sort_keys=True).encode())
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation(), backend.no_padding()  # call state, which every tokenising call sets again
+    key.update(backend.to_str().encode())  # the string as is: parsing it (a whole vocabulary) took longer than the rest
     key.update(f"{max_length}|{columns}|{truncation}|full_length".encode())
     for text, label in zip(reviews["text"][:], reviews["label"][:]):
         key.update(f"{label}\0{text}\0".encode())
