@@ -79,7 +79,7 @@ SWEEP="python3 exp_1/sweep.py --script exp_2/main.py configs/study.yaml --seeds 
   model.name=$MINILM data.path=$DATA $STUDY --out $OUT/training_results"
 stage study 420 bash -c "$SWEEP --grid train.effective_batch_size=64,256,1024 output_dir=$OUT/runs/study/same_epochs \
   && $SWEEP --grid train.effective_batch_size=64,256,1024 train.lr_scaling=sqrt output_dir=$OUT/runs/study/sqrt_lr \
-  && $SWEEP --grid 'train={effective_batch_size: 64, epochs: 1},{effective_batch_size: 256, epochs: 4},{effective_batch_size: 1024, epochs: 16}' \
+  && $SWEEP --grid 'train={effective_batch_size: 1024, epochs: 16},{effective_batch_size: 256, epochs: 4},{effective_batch_size: 64, epochs: 1}' \
      output_dir=$OUT/runs/study/equal_steps"
 stage results 30 python3 exp_1/results.py "$OUT/runs/study/same_epochs" "$OUT/runs/study/sqrt_lr" \
   "$OUT/runs/study/equal_steps" --out "$OUT/training_results/gpu_study"
