@@ -215,7 +215,8 @@ def run_this_project(args, texts, labels, path, device, precision, compiled: boo
     sampler = WindowBatchSampler(rows["length"][:], StepLayout(micro * accum, 1, accum, None), args.seed)
     loader = make_train_loader(rows, sampler, tokenizer, cfg, device, packed)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
-    stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, 10**6), device, precision, 1.0)
+    stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, 10**6), device, precision, 1.0,
+                      cuda_graphs=cuda_graphs)
     timer = Timer(args.warmup, device)
     model.train()
     for epoch in itertools.count(1):  # as many passes over the pool as the steps need

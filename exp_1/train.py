@@ -135,6 +135,7 @@ class Stepper:
     precision: str
     max_grad_norm: float | None
     micro_batches: MicroBatches = field(default_factory=MicroBatches)
+    cuda_graphs: bool = False  # train.cuda_graphs: every forward-backward is a new graph replay
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self):
@@ -147,7 +148,8 @@ class Stepper:
                              lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
-        torch.compiler.cudagraph_mark_step_begin()  # train.cuda_graphs: a new replay; otherwise nothing
+        if self.cuda_graphs:  # only then: the call imports Inductor, seconds at every run's start
+            torch.compiler.cudagraph_mark_step_begin()
         batch = to_device(batch, self.device)
         with autocast(self.device, self.precision):
             logits = self.model(**model_inputs(batch))

@@ -65,7 +65,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
     optimizer = build_optimizer(model, cfg.train, lr, device)
     scheduler = build_scheduler(optimizer, cfg.train, loaders.sampler.steps_per_epoch * cfg.train.epochs)
     stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train.max_grad_norm,
-                      MicroBatches(cfg.train.micro_batch_tokens))
+                      MicroBatches(cfg.train.micro_batch_tokens), cfg.train.cuda_graphs)
 
     # the run directory: this process is its only writer until the run ends; a new run, or the newest verified
     # resume point

@@ -31,7 +31,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimizer):
+def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimizer, cuda_graphs: bool = False):
     """Adds this micro-batch's share of its window's mean loss (over all processes) to the gradients.
 
     The sampler's weights (1 / samples in the global window) already make the shares add up to the window mean.
@@ -45,7 +45,8 @@ def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimiz
     from exp_1.train import run_in_passes, to_device
 
     def one_pass(part: dict, last: bool):
-        torch.compiler.cudagraph_mark_step_begin()  # train.cuda_graphs: a new replay; otherwise nothing
+        if cuda_graphs:  # train.cuda_graphs: a new graph replay (only then: the call imports Inductor, seconds)
+            torch.compiler.cudagraph_mark_step_begin()
         part = to_device(part, accelerator.device)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             loss = weighted_loss(model(**model_inputs(part)), part)
@@ -149,7 +150,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
                 # count of micro-batches marks the window's last one (sync_gradients) and skips the all-reduce before it
                 with accelerator.accumulate(wrapped):  # [accelerate]
                     window_loss += backward_micro_batch(accelerator, wrapped, batch, micro_batches,  # [accelerate]
-                                                        optimizer)  # [accelerate]
+                                                        optimizer, cfg.train.cuda_graphs)  # [accelerate]
                     if not accelerator.sync_gradients:  # [accelerate]
                         continue  # [accumulation]
                     step_lr = scheduler.get_last_lr()[0]  # what this step uses; the scheduler then moves on
