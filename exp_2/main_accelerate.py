@@ -221,6 +221,10 @@ def run_experiment(cfg: DictConfig, resume: bool = False, overwrite: bool = Fals
             tracker.finish(metrics, test_rows, texts, step=state.step)
         accelerator.wait_for_everyone()  # no process ends the process group while another still writes [accelerate]
         leave_together(accelerator)  # [accelerate]
+        # DDP's reducer goes first, while the process group is still registered: the last reference it held would
+        # tear gloo down with the GIL held, a deadlock if a gloo thread is still releasing a tensor (torch 2.13)
+        del wrapped  # [accelerate]
+        accelerator.free_memory()  # [accelerate]
         accelerator.end_training()  # [accelerate]
     accelerator.print(f"test accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} loss {test['loss']:.4f} on "  # [accelerate]
                       f"{test['n']} reviews (best at epoch {state.best_epoch}); results in {run.path}")
