@@ -148,7 +148,7 @@ class Stepper:
                              lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
-        if self.cuda_graphs:  # only then: the call imports Inductor, seconds at every run's start
+        if self.cuda_graphs:  # only then: the call imports Inductor, about a second per run
             torch.compiler.cudagraph_mark_step_begin()
         batch = to_device(batch, self.device)
         with autocast(self.device, self.precision):

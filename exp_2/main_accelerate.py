@@ -45,7 +45,7 @@ def backward_micro_batch(accelerator, model, batch: dict, micro_batches, optimiz
     from exp_1.train import run_in_passes, to_device
 
     def one_pass(part: dict, last: bool):
-        if cuda_graphs:  # train.cuda_graphs: a new graph replay (only then: the call imports Inductor, seconds)
+        if cuda_graphs:  # train.cuda_graphs: a new graph replay (only then: it imports Inductor, about a second)
             torch.compiler.cudagraph_mark_step_begin()
         part = to_device(part, accelerator.device)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
