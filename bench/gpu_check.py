@@ -23,9 +23,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModel, AutoTokenizer, BertConfig, ModernBertConfig
 
-from exp_1.config import ModelConfig
-from exp_1.model import compile_model, load_model, model_inputs, weighted_loss
-from exp_1.packing import BUCKET, PACKED
+from imdb_grad_accum.model import compile_model, load_model, model_inputs
+from imdb_grad_accum.schema import Config
+from imdb_grad_accum.training import weighted_loss
+from imdb_grad_accum.packing import BUCKET, PACKED
 
 BF16_TOLERANCE = 3e-2  # relative error of bf16 operands: between 1e-3 and 1e-2 per op, a few layers deep
 
@@ -52,9 +53,9 @@ def small_model(kind: str, tokenizer) -> str:
 
 
 def load(path: str, attention: str | None):
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {
         "name": path, "pooling": "mean", "dropout": 0.0, "encoder_dropout": 0.0, "attention_dropout": 0.0,
-        "attn_implementation": attention})
+        "attn_implementation": attention}})
     return load_model(cfg)
 
 
@@ -68,11 +69,11 @@ def features(tokenizer, lengths: list[int], seed: int) -> list[dict]:
 
 
 def pack(rows: list[dict], slots: int | None = None, max_length: int = 512) -> dict:
-    """These reviews as one packed row, as the training loader builds it (exp_1.data.PackedRows); with `slots`, the
+    """These reviews as one packed row, as the training loader builds it (imdb_grad_accum.batching.PackedRows); with `slots`, the
     fixed-shape row of train.cuda_graphs."""
     import datasets
 
-    from exp_1.data import PackedRows
+    from imdb_grad_accum.batching import PackedRows
 
     data = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "label": r["label"]} for r in rows])
     return PackedRows(data, slots, max_length).__getitems__([(i, r["loss_weight"]) for i, r in enumerate(rows)])
@@ -234,7 +235,7 @@ def main() -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    from exp_1.model import resolve_model_path
+    from imdb_grad_accum.model import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
     ok = True

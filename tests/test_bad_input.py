@@ -4,6 +4,7 @@ no traceback, and the directory exactly as it was."""
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import yaml
 
 from conftest import tiny_config
 from exp_1 import main as exp1
-from exp_1.cli import run_cli
-from exp_1.config import PROJECT_NAME, load_config, to_plain_dict
+from imdb_grad_accum.cli import run_cli
+from imdb_grad_accum.config import PROJECT_NAME, StepLayout, load_config, to_plain_dict
+from imdb_grad_accum.resume import ResumePoints
+from imdb_grad_accum.writer import RunWriter
 from exp_2 import main as exp2
 
 
@@ -52,8 +55,8 @@ CASES = {
     "max_length beyond the model": ("exp1", ["data.max_length=4096"], "data.max_length=4096 is more than"),
     "unknown model, no hub": ("exp1", ["model.name=no-such-org/no-such-model"], "model.name=no-such-org/no-such-model: cannot load it"),
     "unknown dataset, no hub": ("exp1", ["data.path=no-such-org/no-such-dataset"], "cannot load it from the HF hub"),
-    "missing data folder": ("exp1", ["data.path=DIR/nowhere"], "no such folder"),
-    "data path is a file": ("exp1", ["data.path=DIR/notes.txt"], "is a file, not a folder"),
+    "missing data folder": ("exp1", ["data.path=DIR/nowhere"], "nowhere: no such file or folder"),
+    "data path is a file": ("exp1", ["data.path=DIR/notes.txt"], "notes.txt is not a data file"),
     "empty data folder": ("exp1", ["data.path=DIR/empty"], "cannot read data files there"),
     "missing columns": ("exp1", ["data.path=DIR/nocolumns"], "lacks column(s) label, text"),
     "labels not 0/1": ("exp1", ["data.path=DIR/stars"], "label 5 at row 0; labels must be 0 (negative) or 1 (positive)"),
@@ -85,7 +88,7 @@ CASES = {
     "overwriting a run holding other files": ("exp1", ["name=annotated", "--overwrite"],
                                               "holds files this project did not write (notes.txt)"),
     "a run another process writes": ("exp1", ["name=busy", "--resume"], "busy is in use by process"),
-    "empty texts": ("exp1", ["data.path=DIR/blank"], "empty or missing text(s), first at row 1"),
+    "empty texts": ("exp1", ["data.path=DIR/blank"], "empty or missing text(s) in split 'train', first at row 1"),
     "unreadable YAML": ("exp1", ["--config", "DIR/broken.yaml"], "is not valid YAML"),
     "YAML that is a list": ("exp1", ["--config", "DIR/list.yaml"], "must hold a mapping of keys, not list"),
     "directory as config": ("exp1", ["--config", "DIR"], "is a directory; pass a YAML file"),
@@ -105,7 +108,8 @@ CASES = {
     "resume with every point damaged": ("exp1", ["--resume", "name=damaged"], "no usable resume point"),
     "resume with another config": ("exp1", ["--resume", "name=interrupted", "train.lr=0.5"],
                                    "the config differs from"),
-    "resume with another script": ("exp1", ["--resume", "name=interrupted"], "was saved with {'script': 'accelerate'"),
+    "resume with another script": ("exp1", ["--resume", "name=interrupted"],
+                                   "was saved with {'experiment': 'exp_2', 'trainer': 'accelerate'"),
     "a folder that is not a run": ("exp1", ["output_dir=DIR", "name=stars"], "exists and is not a run directory"),
     "a split left empty": ("exp1", ["data.split=[1000,1,1]"], "leaves no validation reviews out of 220"),
     # what a run directory is, checked as deeply as what it holds
@@ -144,15 +148,29 @@ CASES = {
     "three betas": ("exp1", ["train.adam_betas=[0.9,0.99,0.999]"], "must be two decay rates in [0, 1)"),
     "eps of 0": ("exp1", ["train.adam_eps=0"], "train.adam_eps=0.0 must be a positive number"),
     "an unknown progress mode": ("exp1", ["train.progress=fancy"], "train.progress='fancy' is not one of auto, bar"),
+    # the recipes
+    "a layer decay of 0": ("exp1", ["train.layer_lr_decay=0"], "train.layer_lr_decay=0.0 must be in (0, 1]"),
+    "a layer decay above 1": ("exp1", ["train.layer_lr_decay=1.5"], "train.layer_lr_decay=1.5 must be in (0, 1]"),
+    "label smoothing of 1": ("exp1", ["train.label_smoothing=1"], "train.label_smoothing=1.0 must be in [0, 1)"),
+    "negative label smoothing": ("exp1", ["train.label_smoothing=-0.1"], "train.label_smoothing=-0.1 must be in"),
+    "freezing what has no name": ("exp1", ["train.freeze=head"], "train.freeze=head must be embeddings, encoder"),
+    "freezing more layers than exist": ("exp1", ["train.freeze=5"], "train.freeze=5: "),
+    # messages a newcomer meets
+    "one value for a list key": ("exp1", ["train.adam_betas=0.9"], "train.adam_betas takes a list, e.g. "),
+    "a list as base": ("exp1", ["--config", "DIR/baselist.yaml"], "base: takes one file name"),
+    "a base that is missing": ("exp1", ["--config", "DIR/missingbase.yaml"],
+                               "nowhere.yaml (named by base: in DIR/missingbase.yaml) not found"),
+    "a section's key at the top": ("exp1", ["lr=1e-4"], "unknown config key 'lr'; did you mean 'train.lr'?"),
+    "CUDA graphs without compile": ("exp1", ["train.cuda_graphs=true"], "it needs train.compile=true"),
 }
 
 
-def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, damaged=False, run_id="x") -> None:
-    """A run directory as the project writes it: marker, config, and a resume point whose manifest matches (and that
-    belongs to the run `run_id`)."""
+def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, damaged=False, run_id="x",
+              foreign=()) -> None:
+    """A run directory as the project writes it: marker (recording every path but `foreign`), config, and a resume
+    point whose manifest matches (and that belongs to the run `run_id`)."""
     run = runs / name
     (run / "checkpoints").mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"project": PROJECT_NAME, "id": "x", "wandb_id": "x"}))
     (run / ".lock").write_text("")
     saved = yaml.safe_dump(to_plain_dict(load_config(config, [f"name={name}"])))
     (run / "config.yaml").write_text(saved)
@@ -162,10 +180,10 @@ def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, dam
     if layout:
         point = run / "checkpoints" / "resume" / "point-000001"
         point.mkdir(parents=True)
-        from exp_1.resume import ResumePoints
-        from exp_1.rundir import RunDir
-
-        identity = {**ResumePoints(RunDir(run), {}, None, None, None, None).identity(), "run_id": run_id}
+        (run / "run.json").write_text(json.dumps({"project": PROJECT_NAME, "id": "x", "wandb_ids": ["x"],
+                                                  "files": ["config.yaml"]}))
+        identity = {**ResumePoints(RunWriter(run), ("x", "y"), StepLayout(1, 1, 1, None), *[None] * 4).identity(),
+                    "run_id": run_id}
         contents = {"trainer.json": json.dumps({"run": identity, "layout": layout, "state": {}}), "model.safetensors": "m",
                     "optimizer.safetensors": "o", "history.jsonl": "", "rng_0.safetensors": "r"}
         for file, content in contents.items():
@@ -174,6 +192,9 @@ def _fake_run(runs: Path, name: str, config: Path, files: dict, layout=None, dam
         if damaged:
             digests["model.safetensors"] = "0" * 64
         (point / "manifest.json").write_text(json.dumps({"files": digests}))
+    written = {str(p.relative_to(run)) for p in run.rglob("*")} - {"run.json", ".lock"} - set(foreign)
+    (run / "run.json").write_text(json.dumps({"project": PROJECT_NAME, "id": "x", "wandb_ids": ["x"],
+                                              "files": sorted(written)}))
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +225,12 @@ def odd_models(tmp_path_factory, tiny_bert) -> Path:
 def true_split(tmp_path_factory, tiny_bert) -> str:
     """split.json as a run of the tiny config on the synthetic reviews writes it."""
     from conftest import write_reviews
-    from exp_1.data import prepare_data
-    from exp_1.model import load_model
+    from imdb_grad_accum.data import prepare_data
+    from imdb_grad_accum.model import load_model
 
     root = tmp_path_factory.mktemp("split")
     cfg = load_config(tiny_config(root, tiny_bert, write_reviews(root / "reviews")))
-    tokenizer, model = load_model(cfg.model)
+    tokenizer, model = load_model(cfg)
     return json.dumps(prepare_data(cfg, tokenizer, model.input_names).record)
 
 
@@ -246,23 +267,27 @@ def world(tmp_path_factory, tiny_bert, odd_models, true_split):
     (root / "tabs.yaml").write_text("train:\n\tlr: 0.1\n")
     (root / "twice.yaml").write_text("train: {lr: 0.1}\nseed: 3\ntrain: {epochs: 1}\n")
     (root / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    (root / "baselist.yaml").write_text("base: [quickstart.yaml]\n")
+    (root / "missingbase.yaml").write_text("base: nowhere.yaml\n")
     _folder(root, "victim", {"config.yaml": "k: v\n", "precious.txt": "notes"})
     config = tiny_config(root, tiny_bert, write_reviews(root / "reviews"))
     runs = root / "runs"
     _fake_run(runs, "finished", config, {"metrics.json": "{}\n", "history.jsonl": "{}\n"})
-    _fake_run(runs, "annotated", config, {"metrics.json": "{}\n", "notes.txt": "mine"})
-    layout = {"script": "accelerate", "effective_batch": 8, "processes": 1, "grad_accum_steps": 1, "micro_batch_tokens": None}
+    _fake_run(runs, "annotated", config, {"metrics.json": "{}\n", "notes.txt": "mine"}, foreign={"notes.txt"})
+    layout = {"experiment": "exp_2", "trainer": "accelerate", "effective_batch": 8, "processes": 1,
+              "grad_accum_steps": 1, "micro_batch_tokens": None}
     _fake_run(runs, "interrupted", config, {"history.jsonl": "{}\n", "split.json": true_split}, layout)
     _fake_run(runs, "damaged", config, {"history.jsonl": "{}\n", "split.json": true_split},
-              {**layout, "script": "exp_1/main.py"}, damaged=True)
+              {**layout, "experiment": "exp_1", "trainer": "pytorch"}, damaged=True)
     _fake_run(runs, "unmarked", config, {"metrics.json": "{}\n"})
     (runs / "unmarked" / "run.json").write_text("{garbage")
     _fake_run(runs, "busy", config, {"history.jsonl": "{}\n"}, layout)
     _fake_run(runs, "nested", config, {"metrics.json": "{}\n", "checkpoints/my_backup.safetensors": "mine",
-                                       "predictions/my_analysis.md": "mine"})
+                                       "predictions/my_analysis.md": "mine"},
+              foreign={"checkpoints/my_backup.safetensors", "predictions/my_analysis.md"})
     _fake_run(runs, "linked", config, {"metrics.json": "{}\n"})
     (runs / "linked" / "model").symlink_to(_folder(root, "elsewhere", {"precious.txt": "mine"}))
-    own_layout = {**layout, "script": "exp_1/main.py"}
+    own_layout = {**layout, "experiment": "exp_1", "trainer": "pytorch"}
     _fake_run(runs, "changed_data", config, {"history.jsonl": "{}\n", "split.json": '{"train": [1, 2, 3]}'},
               own_layout)
     _fake_run(runs, "foreign_point", config, {"history.jsonl": "{}\n", "split.json": true_split}, own_layout,
@@ -273,12 +298,15 @@ def world(tmp_path_factory, tiny_bert, odd_models, true_split):
     (runs / "bad_config" / "config.yaml").write_text("train: [unclosed\n")
     lock = open(runs / "busy" / ".lock", "w")  # as another process writing the run would hold it
     fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.write(f"{os.getpid()} python exp_1/main.py --config ...\n")
+    lock.flush()
     yield root, config, odd_models
     lock.close()
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, world, monkeypatch, capsys):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, world, monkeypatch, capfd):
+    """The whole of what the command prints is one line on stderr, and nothing on disk changes."""
     script, extra, expected = CASES[case]
     root, config, models = world
     args = [a.replace("DIR", str(root)).replace("MODELS", str(models)) for a in extra]
@@ -289,12 +317,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, world, monkeypat
     monkeypatch.setattr(sys, "argv", ["main.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         run_cli({"exp1": exp1.main, "exp2": exp2.main}[script])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    print(f"{case}: {lines[0] if lines else err}")
+    out, err = capfd.readouterr()
+    print(f"{case}: {err}")
     assert exit_info.value.code == 2
-    assert len(lines) == 1 and expected in lines[0], err[-2000:]
-    assert "Traceback" not in err
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and expected in err, (out[-2000:], err[-2000:])
     assert _tree(root) == before
 
 

@@ -9,12 +9,13 @@ import sys
 import pytest
 import torch
 
-from conftest import PROJECT, tiny_config, window_sampler
+from conftest import PROJECT, tiny_config, train_config, window_sampler
 from exp_1 import main as exp1
-from exp_1.config import load_config
-from exp_1.data import make_train_loader, prepare_data
-from exp_1.model import checkpoint_activations, load_model
-from exp_1.train import Stepper, build_optimizer
+from imdb_grad_accum.config import load_config
+from imdb_grad_accum.batching import make_train_loader
+from imdb_grad_accum.data import prepare_data
+from imdb_grad_accum.model import checkpoint_activations, load_model
+from imdb_grad_accum.training import Stepper, build_optimizer
 from exp_2 import main as exp2
 
 
@@ -25,7 +26,8 @@ def _history(run) -> list[dict]:
 def test_validation_every_n_steps_happens_at_exactly_those_steps_and_any_may_be_the_best(tmp_path, tiny_bert,
                                                                                           reviews_dir):
     """180 reviews in batches of 8: 23 steps an epoch. Every 5 steps, and at each epoch's end (23, 46)."""
-    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"eval_every_steps": 5, "epochs": 2})
+    config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"eval_every_steps": 5, "epochs": 2},
+                         checkpoint={"keep_resume_points": True})
     metrics = exp1.main(["--config", str(config)])
     validations = [h for h in _history(tmp_path / "runs" / "tiny") if "val/loss" in h]
     assert [h["step"] for h in validations] == [5, 10, 15, 20, 23, 25, 30, 35, 40, 45, 46]
@@ -66,7 +68,7 @@ def test_early_stopping_stops_at_the_expected_validation_under_1_and_2_processes
 
 def _window(tiny, tmp_path, packed: bool):
     cfg = load_config(tiny_config(tmp_path, tiny, tmp_path.parent / "reviews"))
-    tokenizer, model = load_model(cfg.model, packed=packed)
+    tokenizer, model = load_model(cfg, packed=packed)
     splits = prepare_data(cfg, tokenizer, model.input_names)
     sampler = window_sampler(splits.train["length"], 12, 1, seed=1)
     return model, next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg, packed=packed)))
@@ -83,7 +85,8 @@ def test_activation_checkpointing_gives_the_same_gradients(fixture, packed, requ
     grads = []
     for m in (model, checkpointed):
         m.train()
-        stepper = Stepper(m, torch.optim.SGD(m.parameters(), lr=0.0), None, torch.device("cpu"), "fp32", None)
+        stepper = Stepper(m, torch.optim.SGD(m.parameters(), lr=0.0), None, torch.device("cpu"), "fp32",
+                          train_config(max_grad_norm=None))
         stepper.forward_backward(batch)
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -111,7 +114,7 @@ def test_activation_checkpointing_trains_under_two_processes_like_without(tmp_pa
 def test_betas_and_eps_reach_the_optimizer(tmp_path, tiny_bert, reviews_dir):
     cfg = load_config(tiny_config(tmp_path, tiny_bert, reviews_dir, train={"adam_betas": [0.9, 0.98],
                                                                            "adam_eps": 1e-6}))
-    _, model = load_model(cfg.model)
+    _, model = load_model(cfg)
     for group in build_optimizer(model, cfg.train, 1e-3, torch.device("cpu")).param_groups:
         assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-6
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import ACLIMDB_SAMPLE, IMDB, needs_imdb, window_sampler
-from exp_1.errors import UserError
-from exp_1.data import load_reviews, split_indices, stratified_subset
+from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.data import load_reviews, split_indices, stratified_subset
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,62 @@ def test_aclimdb_folder_loader_reads_labels_from_folders():
     assert list(zip(reviews["text"], reviews["label"])) == expected
 
 
+def _with_duplicates(folder):
+    """Synthetic reviews whose train and test files repeat texts: within train, across train and test, and once
+    with the other label. What the real IMDB copy has (96, 199 and 123 duplicates), on data every clone has."""
+    import csv
+
+    from conftest import synthetic_reviews
+
+    rows = synthetic_reviews(200, seed=3)
+    train = rows[:120] + [rows[5], rows[6], rows[7]]  # three repeated within train
+    test = rows[120:] + [rows[10], rows[11], {"text": rows[12]["text"], "label": 1 - rows[12]["label"]}]
+    folder.mkdir()
+    for name, part in (("train", train), ("test", test)):
+        with open(folder / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    return folder
+
+
+@pytest.mark.parametrize("seed", [0, 42])
+def test_every_text_lands_in_exactly_one_split_also_when_the_data_repeats_texts(tmp_path, seed):
+    """Sabotage: keeping duplicates (no de-duplication), or a split that lets one index into two parts."""
+    reviews = load_reviews(str(_with_duplicates(tmp_path / f"dup{seed}")))
+    texts, labels = reviews["text"][:], np.asarray(reviews["label"][:])
+    split = split_indices(texts, labels, [9, 1, 1], seed=seed)
+    assert len(texts) == 206 and split["duplicates_dropped"] == 6 and split["label_conflicts"] == 1
+    as_text = {name: [texts[i] for i in split[name]] for name in ("train", "validation", "test")}
+    every = [t for part in as_text.values() for t in part]
+    assert len(every) == len(set(every)) == len(set(texts)) == 200  # each distinct text once, none lost
+    first = {}
+    for i, text in enumerate(texts):
+        first.setdefault(text, i)
+    assert sorted(i for name in as_text for i in split[name]) == sorted(first.values())  # the first row of each
+
+
+def test_the_split_is_the_documented_seeded_draw(tmp_path):
+    """Pins which reviews are validation and which are test: per label, the unique rows shuffled by
+    numpy.random.default_rng(split_seed) (label 0, then label 1), the first round(n/11) to validation and the next
+    round(n/11) to test. Runs of other seeds share a test set only if this never changes; sabotage: validation and
+    test swapped, which no size or overlap check sees."""
+    reviews = load_reviews(str(_with_duplicates(tmp_path / "dup")))
+    texts, labels = reviews["text"][:], np.asarray(reviews["label"][:])
+    split = split_indices(texts, labels, [9, 1, 1], seed=7)
+    first = {}
+    for i, text in enumerate(texts):
+        first.setdefault(text, i)
+    unique = np.array(list(first.values()))
+    rng, expected = np.random.default_rng(7), {"validation": [], "test": []}
+    for label in (0, 1):
+        rows = rng.permutation(unique[labels[unique] == label])
+        n = round(len(rows) / 11)
+        expected["validation"] += rows[:n].tolist()
+        expected["test"] += rows[n:2 * n].tolist()
+    assert split["validation"] == sorted(expected["validation"]) and split["test"] == sorted(expected["test"])
+
+
 def test_csv_folder_loads_train_then_test(reviews_dir):
     reviews = load_reviews(str(reviews_dir))
     assert len(reviews) == 220 and reviews[0]["text"].startswith("review 0:") and reviews[120]["text"].startswith("review 120:")
@@ -70,7 +126,7 @@ def test_malformed_data_is_rejected_with_the_reason(tmp_path, content, message):
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(UserError, match="no such file or folder"):
         load_reviews(str(tmp_path / "nope"))
 
 
@@ -86,7 +142,7 @@ def _windows(sampler):
     """Per optimizer step: the (index, weight) rows of all micro-batches of all processes."""
     sampler_list = sampler if isinstance(sampler, list) else [sampler]
     per_process = [list(s) for s in sampler_list]
-    accum = sampler_list[0].batches_per_step
+    accum = sampler_list[0].layout.loader_batches
     steps = len(per_process[0]) // accum
     return [sorted(row for batches in per_process for batch in batches[s * accum:(s + 1) * accum] for row in batch)
             for s in range(steps)]
@@ -146,18 +202,18 @@ def test_length_grouping_cuts_padding():
 
 def _prepare(tmp_path, model_dir, data_dir):
     from conftest import tiny_config
-    from exp_1.config import load_config
-    from exp_1.model import load_model
+    from imdb_grad_accum.config import load_config
+    from imdb_grad_accum.model import load_model
 
     cfg = load_config(tiny_config(tmp_path, model_dir, data_dir))
-    tokenizer, model = load_model(cfg.model)
+    tokenizer, model = load_model(cfg)
     return cfg, tokenizer, model
 
 
 def test_second_start_reads_the_tokenisation_cache(tmp_path, reviews_dir, tiny_bert):
     from unittest import mock
 
-    from exp_1.data import prepare_data
+    from imdb_grad_accum.data import prepare_data
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
     first = prepare_data(cfg, tokenizer, model.input_names)
@@ -167,7 +223,7 @@ def test_second_start_reads_the_tokenisation_cache(tmp_path, reviews_dir, tiny_b
 
 
 def test_token_type_ids_are_kept_only_for_encoders_that_take_them(tmp_path, reviews_dir, tiny_bert, tiny_modernbert):
-    from exp_1.data import prepare_data
+    from imdb_grad_accum.data import prepare_data
 
     for model_dir, expected in ((tiny_bert, True), (tiny_modernbert, False)):
         cfg, tokenizer, model = _prepare(tmp_path, model_dir, reviews_dir)
@@ -176,7 +232,8 @@ def test_token_type_ids_are_kept_only_for_encoders_that_take_them(tmp_path, revi
 
 
 def test_batches_are_padded_to_their_own_longest_review(tmp_path, reviews_dir, tiny_bert):
-    from exp_1.data import make_eval_loader, make_train_loader, prepare_data
+    from imdb_grad_accum.batching import make_eval_loader, make_train_loader
+    from imdb_grad_accum.data import prepare_data
 
     cfg, tokenizer, model = _prepare(tmp_path, tiny_bert, reviews_dir)
     splits = prepare_data(cfg, tokenizer, model.input_names)
@@ -191,7 +248,7 @@ def test_truncation_keeps_the_chosen_ends_of_long_reviews(tiny_bert, truncation)
     import datasets
     from transformers import AutoTokenizer
 
-    from exp_1.data import tokenize
+    from imdb_grad_accum.data import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     words = [f"w{i}" for i in range(300)]
@@ -206,3 +263,30 @@ def test_truncation_keeps_the_chosen_ends_of_long_reviews(tiny_bert, truncation)
         assert joined.endswith(long) and long.endswith("w298w299") and not long.startswith("w0")
     else:  # 32 tokens of budget: about the first 8 and the last 24
         assert long.startswith("w0w1") and long.endswith("w298w299") and "w150" not in long
+
+
+@pytest.mark.parametrize("truncation", ["head", "tail", "head_tail"])
+def test_a_very_long_review_keeps_the_tokens_of_its_whole_tokenisation_without_tokenising_it_whole(
+        tiny_bert, truncation, monkeypatch):
+    """A review far longer than the budget is tokenised in pieces (a 49 MB one took 97 s and 7.7 GB whole): the
+    tokens kept and its full length are those of tokenising it whole, and no call sees the whole text."""
+    from transformers import AutoTokenizer
+
+    from imdb_grad_accum import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    words = [f"w{i % 997}" for i in range(6000)]
+    text = "  ".join(" ".join(words[i:i + 7]) + "." for i in range(0, len(words), 7))  # runs of whitespace too
+    columns = ["input_ids", "attention_mask"]
+    monkeypatch.setattr(data, "LONG_REVIEW", 10**9)
+    whole = data.encode([text, "short"], tokenizer, 64, columns, truncation)
+    seen, call = [], type(tokenizer).__call__
+
+    def recorded(self, texts, *args, **kwargs):
+        seen.extend(len(t) for t in (texts if isinstance(texts, list) else [texts]))
+        return call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(data, "LONG_REVIEW", 2_000)
+    monkeypatch.setattr(type(tokenizer), "__call__", recorded)
+    pieces = data.encode([text, "short"], tokenizer, 64, columns, truncation)
+    assert pieces == whole and max(seen) < len(text) / 4

@@ -1,6 +1,7 @@
-"""Every command in the README and docs/ runs as written: the training commands resolve their config and overrides
-(--print-config), a sweep command plans its study (every config, grid point and seed loaded and checked, nothing
-trained), and the other commands answer --help. Shell variables set in the same block are expanded."""
+"""Every command in the README and docs/ runs as written: the training commands check and resolve their config and
+overrides (--print-config), a sweep command plans its study (every config, grid point and seed loaded and checked,
+nothing trained), and the other commands answer --help. Shell variables set in the same block are expanded. No page
+points at this machine's own data."""
 
 import re
 import shlex
@@ -11,13 +12,14 @@ import pytest
 
 from conftest import PROJECT
 from exp_1 import main as exp1
-from exp_1 import sweep
 from exp_2 import main as exp2
 from exp_2 import main_accelerate
+from imdb_grad_accum import sweep
 
 PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 MAINS = {"exp_1/main.py": exp1.main, "exp_2/main.py": exp2.main, "exp_2/main_accelerate.py": main_accelerate.main}
 HELP_ONLY = ("bench/",)
+COMMANDS = ("sweep", "results", "evaluate", "predict", "export")  # imdb-<command>, python -m imdb_grad_accum.<command>
 
 
 def commands(page: Path) -> list[list[str]]:
@@ -39,8 +41,12 @@ def commands(page: Path) -> list[list[str]]:
                     words = shlex.split(words[words.index("--wrap") + 1])
                 if words[:2] == ["accelerate", "launch"]:
                     words = ["python", *words[next(i for i, w in enumerate(words) if w.endswith(".py")):]]
+                if words[:2] in (["python", "-m"], ["python3", "-m"]) and words[2].startswith("imdb_grad_accum."):
+                    words = [f"imdb-{words[2].split('.', 1)[1]}", *words[3:]]
                 if len(words) > 1 and words[0] in ("python", "python3") and words[1].startswith(("exp_", "bench/")):
                     found.append(words[1:])
+                elif words and words[0] in {f"imdb-{c}" for c in COMMANDS}:
+                    found.append(words)
     return found
 
 
@@ -49,8 +55,13 @@ ALL = [(page.relative_to(PROJECT), words) for page in PAGES for words in command
 
 def test_the_pages_have_commands_to_check():
     scripts = {words[0] for _, words in ALL}
-    assert {"exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py", "exp_1/sweep.py", "exp_1/results.py",
-            "exp_1/predict.py", "exp_1/export.py"} <= scripts, scripts
+    assert {"exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py", *(f"imdb-{c}" for c in COMMANDS)} <= scripts, \
+        scripts
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_no_page_points_at_this_machines_own_data(page):
+    assert "../shared" not in page.read_text(), "use a placeholder a user can fill in, e.g. /path/to/imdb"
 
 
 @pytest.mark.parametrize("page, words", ALL, ids=[f"{page}: {' '.join(words)[:70]}" for page, words in ALL])
@@ -64,22 +75,22 @@ def test_every_command_in_the_readme_and_docs_runs_as_written(page, words, tmp_p
         with pytest.raises(SystemExit) as exit_info:
             MAINS[script]([*args, "--print-config"])
         assert exit_info.value.code == 0, capsys.readouterr().err
-    elif script == "exp_1/sweep.py":
+    elif script == "imdb-sweep":
         planned = []
 
         def plan_only(study):  # every run loaded and checked by sweep.plan; none is started
-            for run in study.runs:
-                run.outcome = "planned"
-                planned.append(run)
+            for job in study.jobs:
+                job.outcome = "planned"
+                planned.append(job)
 
-        monkeypatch.setattr(sweep, "work", plan_only)
+        monkeypatch.setattr(sweep, "run_study", plan_only)
         monkeypatch.setattr(sweep, "check_devices", lambda devices, launcher: devices.split(",") if devices else [])
         sweep.main(args)
         assert planned, "the sweep planned no run"
-    elif script.startswith("exp_1/"):  # results, predict, export: in this process, which has them imported
+    elif script.startswith("imdb-"):  # results, evaluate, predict, export: in this process
         import importlib
 
-        module = importlib.import_module(script[:-3].replace("/", "."))
+        module = importlib.import_module(f"imdb_grad_accum.{script[5:]}")
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--help"])
         assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import IMDB, PROJECT, needs_imdb, tiny_config, window_sampler
+from conftest import IMDB, PROJECT, needs_imdb, tiny_config, train_config, window_sampler
 from exp_1 import main as exp1
-from exp_1.config import load_config
-from exp_1.errors import UserError
-from exp_1.data import make_eval_loader, make_train_loader, prepare_data, tokenize
-from exp_1.model import load_model, load_run, model_inputs, weighted_loss
-from exp_1.train import Stepper, build_optimizer, evaluate
+from imdb_grad_accum.config import load_config
+from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.batching import make_eval_loader, make_train_loader
+from imdb_grad_accum.data import prepare_data, tokenize
+from imdb_grad_accum.model import load_model, load_run, model_inputs
+from imdb_grad_accum.training import Stepper, build_optimizer, evaluate, weighted_loss
 
 CONTRACT = ["run.json", "config.yaml", "split.json", "history.jsonl", "metrics.json", "predictions/test.csv",
             "predictions/validation.csv", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
@@ -51,8 +52,8 @@ def test_end_to_end_run_writes_the_contract_and_tests_the_best_checkpoint(fixtur
     assert saved["model"]["name"] == request.getfixturevalue(fixture)
 
     # the run folder alone rebuilds the model, and its best checkpoint gives the reported test metrics
-    tokenizer, model = load_run(run)
-    from exp_1.data import load_reviews
+    tokenizer, model, _ = load_run(run)
+    from imdb_grad_accum.data import load_reviews
 
     reviews = load_reviews(str(reviews_dir)).select(split["test"])
     cfg = load_config(config)
@@ -79,13 +80,13 @@ def test_minilm_lowers_the_loss_on_real_reviews(tmp_path):
     """A few optimizer steps of the real pretrained MiniLM on 16 real reviews lower the loss on them."""
     cfg = load_config(tiny_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", IMDB,
                                        data={"max_length": 128, "max_train_samples": 16}, train={"batch_size": 16}))
-    tokenizer, model = load_model(cfg.model)
+    tokenizer, model = load_model(cfg)
     splits = prepare_data(cfg, tokenizer, model.input_names)
     sampler = window_sampler(splits.train["length"], 16, 1, seed=0)
     batch = next(iter(make_train_loader(splits.train, sampler, tokenizer, cfg)))
     optimizer = build_optimizer(model, cfg.train, 5e-5, torch.device("cpu"))
     stepper = Stepper(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                      torch.device("cpu"), "fp32", 1.0)
+                      torch.device("cpu"), "fp32", train_config())
 
     def loss_now():
         with torch.no_grad():
@@ -137,16 +138,15 @@ def test_cli_errors_exit_2_with_one_line_and_no_traceback(tier, tmp_path, review
         (["--config", config, "data.path=no-such-org/no-such-dataset"], "data.path=no-such-org/no-such-dataset"),
     ]
     cases = cases[:2] if tier == "a config error" else cases[2:]  # the first two answer before torch loads
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    before = {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     for args, message in cases:
         result = _run_cli(*args)
         assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr
-        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
-    assert not (tmp_path / "runs" / "tiny" / "metrics.json").exists()
-    # nothing that existed before was changed or removed
-    assert set(before) <= set(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        assert result.stdout == "" and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+            args, result.stdout[-2000:], result.stderr[-2000:])
+        assert message in result.stderr
+    # nothing was written, changed or removed
+    assert {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_existing_results_are_not_overwritten_without_the_flag(tmp_path, reviews_dir, tiny_bert):
@@ -168,3 +168,35 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_plainly(tmp_pa
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
     assert compiled["test_accuracy"] == eager["test_accuracy"]
     load_run(tmp_path / "runs" / "compiled")  # a strict load: it would fail on torch.compile's `_orig_mod.` keys
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep_resume_points"])
+def test_a_finished_run_holds_each_set_of_weights_once(keep, tmp_path, tiny_bert, capsys):
+    """best and last are links to the resume point's weights, never copies; a finished run drops its resume points
+    (optimizer state: twice the weights) unless checkpoint.keep_resume_points. And a text given with both labels is
+    counted and said."""
+    import os
+
+    from conftest import synthetic_reviews
+
+    data = tmp_path / "reviews"
+    data.mkdir()
+    rows = synthetic_reviews(220)
+    rows.append({"text": rows[3]["text"], "label": 1 - rows[3]["label"]})
+    with open(data / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = tiny_config(tmp_path, tiny_bert, data, train={"epochs": 1}, checkpoint={"keep_resume_points": keep})
+    exp1.main(["--config", str(config)])
+    assert "1 text(s) appear in the data with both labels" in capsys.readouterr().out
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "split.json").read_text())["label_conflicts"] == 1
+    checkpoints = run / "checkpoints"
+    assert os.path.samefile(checkpoints / "best.safetensors", checkpoints / "last.safetensors")  # one epoch: one
+    points = sorted((checkpoints / "resume").glob("point-*"))
+    recorded = json.loads((run / "run.json").read_text())["files"]
+    if keep:
+        assert len(points) == 1 and os.path.samefile(points[0] / "model.safetensors", checkpoints / "last.safetensors")
+    else:
+        assert points == [] and not [f for f in recorded if "/point-" in f]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import synthetic_reviews, tiny_config, write_reviews
-from exp_1 import export, predict
-from exp_1.cli import run_cli
+from imdb_grad_accum import export, predict
+from imdb_grad_accum.cli import run_cli
 from exp_1 import main as exp1
 
 LONG = "the plot was clumsy and the acting tedious, " * 30 + "but the ending is wonderful and moving."

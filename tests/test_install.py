@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import PROJECT, tiny_config
 from exp_1 import main as exp1
-from exp_1.config import Config, load_config, to_plain_dict
-from exp_1.errors import UserError
-from exp_1.precision import cpu_has_fast_bf16
+from imdb_grad_accum.config import Config, load_config, to_plain_dict
+from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.device import cpu_has_fast_bf16
 from exp_2 import main_accelerate
 
 
@@ -63,15 +63,18 @@ def test_print_config_prints_the_resolved_config_and_touches_nothing(tmp_path, t
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == to_plain_dict(load_config(config, ["train.lr=3e-4"])) and printed["train"]["lr"] == 3e-4
     assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(UserError, match="train.effective_batch_size=50 is not a multiple of train.batch_size=8"):
+        exp1.main(["--config", str(config), "--print-config", "train.effective_batch_size=50"])  # as a run refuses it
 
 
 @pytest.mark.slow
-def test_python_dash_m_runs_the_entry_scripts():
-    for module in ("exp_1.main", "exp_2.main", "exp_2.main_accelerate", "exp_1.sweep", "exp_1.results",
-                   "exp_1.predict"):
-        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT, capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 0 and "usage:" in result.stdout, (module, result.stderr[-2000:])
+def test_the_scripts_and_python_dash_m_answer_help():
+    commands = [[script, "--help"] for script in ("exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py")]
+    commands += [["-m", f"imdb_grad_accum.{name}", "--help"] for name in ("sweep", "results", "evaluate", "predict",
+                                                                            "export")]
+    for command in commands:
+        result = subprocess.run([sys.executable, *command], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, (command, result.stderr[-2000:])
 
 
 @pytest.fixture
@@ -115,23 +118,20 @@ def test_device_check_says_what_a_run_would_use_and_why(gpu_without_cuda, tmp_pa
 
 
 AUTO = "bf16" if cpu_has_fast_bf16() else "fp32"
-OTHER = "fp32" if AUTO == "bf16" else "bf16"
 
 
 @pytest.mark.parametrize("level, config_value, override, launcher, expected", [
     ("default", "auto", None, None, AUTO),
-    ("launcher/environment", "auto", None, OTHER, OTHER),
-    ("config file", AUTO, None, OTHER, AUTO),
-    ("command line", OTHER, f"train.precision={AUTO}", OTHER, AUTO),
+    ("launcher/environment", "auto", None, "bf16", "bf16"),
+    ("config file", "fp32", None, "bf16", "fp32"),
+    ("command line", "fp32", "train.precision=bf16", "bf16", "bf16"),
 ], ids=lambda value: value if isinstance(value, str) and " " not in value and "=" not in value else None)
 def test_precision_precedence_command_line_over_file_over_launcher_over_default(
         level, config_value, override, launcher, expected, tmp_path, tiny_bert, reviews_dir, monkeypatch, capsys):
-    """`accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION and shows on its command line."""
+    """`accelerate launch --mixed_precision X` (or `accelerate config`) sets ACCELERATE_MIXED_PRECISION."""
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     if launcher:
-        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", {"fp32": "no"}.get(launcher, launcher))
-        monkeypatch.setattr("exp_1.precision.launcher_command", lambda: [
-            "accelerate", "launch", "--mixed_precision", {"fp32": "no"}.get(launcher, launcher), "x.py"])
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"precision": config_value})
     with pytest.raises(SystemExit):
         main_accelerate.main(["--config", str(config), "--device-check", *([override] if override else [])])
@@ -139,11 +139,9 @@ def test_precision_precedence_command_line_over_file_over_launcher_over_default(
 
 
 def test_a_launchers_unchosen_default_is_not_taken_for_a_choice(tmp_path, tiny_bert, reviews_dir, monkeypatch, capsys):
-    """`accelerate launch` without --mixed_precision or a config file still sets ACCELERATE_MIXED_PRECISION=no."""
+    """`accelerate launch` without --mixed_precision or a config file still sets ACCELERATE_MIXED_PRECISION=no: "no"
+    is never taken for a choice (train.precision=fp32 asks for fp32)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no accelerate config file there
-    monkeypatch.setattr("exp_1.precision.launcher_command", lambda: ["accelerate", "launch", "x.py"])
-    monkeypatch.setattr("accelerate.commands.config.default_config_file", str(tmp_path / "hf" / "none.yaml"))
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"precision": "auto"})
     with pytest.raises(SystemExit):
         main_accelerate.main(["--config", str(config), "--device-check"])
@@ -152,8 +150,9 @@ def test_a_launchers_unchosen_default_is_not_taken_for_a_choice(tmp_path, tiny_b
 
 @pytest.mark.slow
 def test_the_installed_package_runs_outside_the_repository(tmp_path, tiny_bert, reviews_dir):
-    """What `pip install .` puts on the path (packages exp_1 and exp_2, built from pyproject.toml) runs a tiny
-    experiment from another folder; the dependencies come from this environment (CI installs them afresh too)."""
+    """What `pip install .` puts on the path (the package imdb_grad_accum and its commands, no exp_1 or exp_2) runs a
+    tiny experiment, with the experiment script of a checkout, from another folder, and its commands answer; the
+    dependencies come from this environment (CI installs them afresh too)."""
     import shutil
 
     site, source = tmp_path / "site", tmp_path / "source"  # built from a copy: the build leaves build/ and egg-info
@@ -162,13 +161,16 @@ def test_the_installed_package_runs_outside_the_repository(tmp_path, tiny_bert, 
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target",
                             str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
-    assert {"exp_1", "exp_2"} <= {p.name for p in site.iterdir()}
+    installed = {p.name for p in site.iterdir()}
+    assert "imdb_grad_accum" in installed and not {"exp_1", "exp_2"} & installed, installed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1})
     env = {**os.environ, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "import exp_1, exp_2; print(exp_1.__file__)"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert where.stdout.strip() == str(site / "exp_1" / "__init__.py"), where.stderr
-    run = subprocess.run([sys.executable, "-m", "exp_1.main", "--config", str(config)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(source / "exp_1" / "main.py"), "--config", str(config)], cwd=elsewhere,
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["n_test"] == 20
+    results = subprocess.run([str(site / "bin" / "imdb-results"), str(tmp_path / "runs" / "tiny")], cwd=elsewhere,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert results.returncode == 0 and (tmp_path / "runs" / "results" / "exp_1" / "README.md").is_file(), results.stderr

@@ -63,44 +63,44 @@ def test_the_check_catches_a_fix_carried_to_one_loop_only(tmp_path):
         (tmp_path / name).write_text((PROJECT / name).read_text())
     accelerate = tmp_path / "exp_2" / "main_accelerate.py"
     text = accelerate.read_text()
-    changed = text.replace("                meter.pause()\n", "                meter.pause()\n                if Preemption.requested:\n"
-                           "                    raise Preempted(state.step)\n", 1)
+    changed = text.replace("                state.resume_clock()\n", "                state.resume_clock()\n"
+                           "                if Preemption.requested:\n                    raise Preempted(state.step)\n", 1)
     assert changed != text
     accelerate.write_text(changed)
     assert untagged_differences("exp_2/main.py", "exp_2/main_accelerate.py", tmp_path) == [
         "exp_2/main_accelerate.py: if Preemption.requested:", "exp_2/main_accelerate.py: raise Preempted(state.step)"]
     plain = tmp_path / "exp_2" / "main.py"
-    plain.write_text(plain.read_text().replace("log = end_of_epoch or due(cfg.train.log_every, state.step)",
-                                               "log = due(cfg.train.log_every, state.step)"))
-    assert "exp_2/main.py: log = due(cfg.train.log_every, state.step)" in untagged_differences(
+    plain.write_text(plain.read_text().replace("due = what_is_due(cfg, state.step, end_of_epoch)",
+                                               "due = what_is_due(cfg, state.step, False)"))
+    assert "exp_2/main.py: due = what_is_due(cfg, state.step, False)" in untagged_differences(
         "exp_1/main.py", "exp_2/main.py", tmp_path)
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_the_host_waits_for_the_device_only_at_log_validation_and_save_points(script, tmp_path, tiny_bert,
                                                                                reviews_dir, monkeypatch):
-    """The loss and gradient norm of each step reach the meter as device tensors, unread, and are read back in one
-    transfer (TrainingState.settle) only at the steps that log, validate or save: with log_every 4 and a
+    """The loss and gradient norm of each step reach the training state as device tensors, unread, and are read back
+    in one transfer (TrainingState.read_back) only at the steps that log, validate or save: with log_every 4 and a
     validation at the epoch's end, 6 of 23 steps, not every step (which would stall a GPU at each)."""
     import importlib
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from exp_1.train import Meter, TrainingState
+    from imdb_grad_accum.loop import TrainingState
 
     read_at, unread = [], []
-    settle, step_done = TrainingState.settle, Meter.step_done
+    read_back, step_done = TrainingState.read_back, TrainingState.step_done
 
-    def settle_and_note(self, *args, **kwargs):
+    def read_back_and_note(self, *args, **kwargs):
         read_at.append(self.step)
-        return settle(self, *args, **kwargs)
+        return read_back(self, *args, **kwargs)
 
-    def step_done_and_check(self, loss, grad_norm, lr):
+    def step_done_and_check(self, loss, grad_norm, *args):
         unread.append(torch.is_tensor(loss) and torch.is_tensor(grad_norm))
-        return step_done(self, loss, grad_norm, lr)
+        return step_done(self, loss, grad_norm, *args)
 
-    monkeypatch.setattr(TrainingState, "settle", settle_and_note)
-    monkeypatch.setattr(Meter, "step_done", step_done_and_check)
+    monkeypatch.setattr(TrainingState, "read_back", read_back_and_note)
+    monkeypatch.setattr(TrainingState, "step_done", step_done_and_check)
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1, "log_every": 4})
     args = ["--config", str(config)] + ([] if script == "exp_1/main.py" else ["train.grad_accum_steps=2",
                                                                                 "train.batch_size=4"])

@@ -5,15 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from exp_1.config import ModelConfig
-from exp_1.errors import UserError
-from exp_1.model import load_model, resolve_model_path
+from imdb_grad_accum.errors import UserError
+from conftest import model_config
+from imdb_grad_accum.model import load_model, resolve_model_path
 
 
 def _load(name, **overrides):
-    return load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": name, **overrides}))
+    return load_model(model_config(name, **overrides))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
@@ -75,7 +74,7 @@ def test_training_runs_with_the_encoder_dropout_on(tmp_path, tiny_bert, reviews_
     """from_pretrained hands the encoder back in eval mode; every training step must run it in train mode."""
     from conftest import tiny_config
     from exp_1 import main as exp1
-    from exp_1.train import Stepper
+    from imdb_grad_accum.training import Stepper
 
     modes = []
     real = Stepper.forward_backward

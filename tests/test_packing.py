@@ -1,17 +1,16 @@
-"""Packed micro-batches (exp_1/packing.py) give the padded batch's logits, loss and gradients, in fp32 on CPU, for
+"""Packed micro-batches (imdb_grad_accum/packing.py) give the padded batch's logits, loss and gradients, in fp32 on CPU, for
 BERT and for ModernBERT with its sliding-window layers active."""
 
 import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoConfig
 
-from exp_1.config import ModelConfig
-from exp_1.model import load_model, model_inputs, weighted_loss
-from conftest import packed_batch as pack
-from exp_1.packing import PACKED, packed_logits
+from conftest import model_config, packed_batch as pack
+from imdb_grad_accum.model import load_model, model_inputs
+from imdb_grad_accum.training import weighted_loss
+from imdb_grad_accum.packing import PACKED, packed_logits
 
 WINDOW = 8  # ModernBERT local_attention: a token sees 4 tokens each side in the sliding-window layers
 TEXTS = ["dull", "a truly wonderful film with a moving story", "the plot was clumsy and tedious, " * 4,
@@ -37,9 +36,8 @@ def model_path(request) -> str:
 
 
 def _load(path, pooling, attn_implementation=None):
-    return load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), {
-        "name": path, "pooling": pooling, "dropout": 0.0, "encoder_dropout": 0.0,
-        "attn_implementation": attn_implementation}))
+    return load_model(model_config(path, pooling=pooling, dropout=0.0, encoder_dropout=0.0,
+                                   attn_implementation=attn_implementation))
 
 
 def _models(path, pooling):
@@ -137,8 +135,8 @@ def test_fixed_shape_buckets_give_the_packed_rows_logits_loss_and_gradients(mode
     max_length, max_seqlen fixed. The reviews' logits, the loss and every gradient equal the tight packed row's."""
     import datasets
 
-    from exp_1.data import PackedRows
-    from exp_1.packing import BUCKET
+    from imdb_grad_accum.batching import PackedRows
+    from imdb_grad_accum.packing import BUCKET
 
     tokenizer, _, packed = _models(model_path, pooling)
     features = _features(tokenizer)
@@ -171,8 +169,8 @@ def test_compiled_bucketed_steps_use_one_graph_without_recompiling(tiny_modernbe
     import numpy as np
     import torch._dynamo
 
-    from exp_1.data import PackedRows
-    from exp_1.model import compile_model
+    from imdb_grad_accum.batching import PackedRows
+    from imdb_grad_accum.model import compile_model
 
     tokenizer, model = _load(tiny_modernbert, "mean", PACKED)
     torch._dynamo.reset()

@@ -1,5 +1,6 @@
 """What people look at: plots and tables generated from run directories, the sweep command, the predict command."""
 
+import hashlib
 import itertools
 import json
 import math
@@ -14,10 +15,10 @@ from PIL import Image
 
 from conftest import tiny_config, write_reviews
 from exp_1 import main as exp1
-from exp_1 import predict, results, sweep
-from exp_1.errors import UserError
-from exp_1.data import load_reviews
-from exp_1.cli import run_cli
+from imdb_grad_accum import predict, results, sweep
+from imdb_grad_accum.errors import UserError, WriteFailed
+from imdb_grad_accum.data import load_reviews
+from imdb_grad_accum.cli import run_cli
 from exp_2 import main as exp2
 
 
@@ -35,13 +36,13 @@ def finished(tmp_path_factory, tiny_bert, tiny_modernbert) -> Path:
     return root / "runs"
 
 
-def _table_rows(readme: Path) -> dict:
-    """The first table of a results README, by row label."""
+def _table_rows(readme: Path, by: str = "runs") -> dict:
+    """The first table of a results README, by the runs each row holds (their names without the seed)."""
     lines = readme.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| row |"))
     table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
-    return {row["row"]: row for row in
+    return {row[by]: row for row in
             (dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:])}
 
 
@@ -85,54 +86,103 @@ def test_results_writes_plots_tables_and_error_analysis_that_match_the_runs(fini
     assert (out / "elsewhere" / "README.md").read_text() == "another experiment's results"
 
 
-def test_comparisons_a_run_against_itself_is_zero_with_p_1_and_unranked(finished, tmp_path):
-    copy = tmp_path / "again" / "modernbert_eb16"
+def test_rows_that_hold_the_same_runs_are_one_row_with_every_label(finished, tmp_path):
+    """The same configuration and seed trained twice (a study listing a run in two arms) is one row, counted once,
+    shown with both labels; sabotage: grouping by where a run lives makes two rows and compares them (+0.00, p = 1)."""
+    copy = tmp_path / "again" / "also_modernbert"
     shutil.copytree(finished / "modernbert_eb16", copy)
     config = yaml.safe_load((copy / "config.yaml").read_text())
-    config["output_dir"] = str(tmp_path / "again")  # the same configuration elsewhere: its own row
+    config.update(output_dir=str(tmp_path / "again"), name="also_modernbert")  # elsewhere, under another name
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    results.main([str(finished / "modernbert_eb16"), str(copy), "--out", str(out)])
+    results.main([str(finished / "modernbert_eb16"), str(copy), str(finished / "bert_eb16_seed1"), "--out", str(out)])
     text = (out / "exp_2" / "README.md").read_text()
-    comparisons = text.split("## Comparisons")[1]
-    comparison = [line for line in comparisons.splitlines() if line.startswith("| modernbert_eb16 (runs)")][0]
-    cells = [cell.strip() for cell in comparison.strip("|").split("|")]
-    assert cells[2:7] == ["+0.00", "+0.00 to +0.00", "1", "1", "no"]
-    sentence = [line for line in text.splitlines() if line.startswith("- ")][0]
-    assert "not significantly different" in sentence and "do not rank them" in sentence
+    rows = _table_rows(out / "exp_2" / "README.md")
+    assert sorted(rows) == ["again/also_modernbert, runs/modernbert_eb16", "runs/bert_eb16"]
+    assert rows["again/also_modernbert, runs/modernbert_eb16"]["seeds"] == "1"
+    assert "1 run(s) repeat another run's configuration and seed" in text
+    assert "+0.00 | +0.00 to +0.00" not in text
+
+
+def fake_run(folder: Path, correct: int, lr: float = 0.1, seed: int = 1, reviews: int = 400,
+             test_sha256: str = "same reviews") -> Path:
+    """A finished run as the project writes it, right on the first `correct` of `reviews` test reviews."""
+    (folder / "predictions").mkdir(parents=True)
+    (folder / "checkpoints").mkdir()
+    rows = ["index,label,predicted,prob_positive,loss,tokens,truncated,text"]
+    rows += [f"{i},{i % 2},{i % 2 if i < correct else 1 - i % 2},0.9,0.1,100,0,review {i}" for i in range(reviews)]
+    (folder / "predictions" / "test.csv").write_text("\n".join(rows) + "\n")
+    (folder / "config.yaml").write_text(yaml.safe_dump({"name": folder.name, "seed": seed, "train": {"lr": lr}}))
+    (folder / "history.jsonl").write_text("")
+    (folder / "checkpoints" / "best.safetensors").write_bytes(b"weights")
+    (folder / "run.json").write_text(json.dumps({"project": "imdb-grad-accum", "id": folder.name}))
+    (folder / "metrics.json").write_text(json.dumps({
+        "experiment": "exp_2", "trainer": "pytorch", "model": "m", "effective_batch_size": 8, "epochs": 1,
+        "optimizer_steps": 1, "lr": lr, "test_loss": 0.1, "test_accuracy": correct / reviews, "n_test": reviews,
+        "test_f1": 0.5, "seed": seed, "best_sha256": hashlib.sha256(b"weights").hexdigest(),
+        "split_fingerprint": "f", "test_sha256": test_sha256, "wall_seconds": 1, "train_samples_per_s": 1,
+        "device": "cpu", "precision": "fp32", "num_processes": 1}))
+    return folder
+
+
+def _sentences(readme: Path) -> list[str]:
+    return [line for line in readme.read_text().splitlines() if line.startswith("- ")]
 
 
 def test_comparisons_name_a_real_difference_and_say_which_is_better(tmp_path):
     """Rows on the same 400 reviews, right on 95% and 80% of them: significant, and the better one named first."""
-    def run(name: str, correct: int) -> Path:
-        folder = tmp_path / "runs" / name
-        (folder / "predictions").mkdir(parents=True)
-        rows = ["index,label,predicted,prob_positive,loss,tokens,truncated,text"]
-        rows += [f"{i},{i % 2},{i % 2 if i < correct else 1 - i % 2},0.9,0.1,100,0,review {i}" for i in range(400)]
-        (folder / "predictions" / "test.csv").write_text("\n".join(rows) + "\n")
-        (folder / "config.yaml").write_text(yaml.safe_dump({"name": name, "train": {"lr": 0.1 if correct > 350 else 0.2}}))
-        (folder / "history.jsonl").write_text("")
-        (folder / "run.json").write_text(json.dumps({"project": "imdb-grad-accum", "id": name}))
-        (folder / "metrics.json").write_text(json.dumps({
-            "script": "exp_2/main.py", "model": "m", "effective_batch_size": 8, "epochs": 1, "optimizer_steps": 1,
-            "lr": 0.1, "test_loss": 0.1, "test_accuracy": correct / 400, "n_test": 400, "test_f1": 0.5, "wall_seconds": 1,
-            "train_samples_per_s": 1, "device": "cpu", "precision": "fp32", "num_processes": 1}))
-        return folder
-
     out = tmp_path / "out"
-    results.main([str(run("good", 380)), str(run("worse", 320)), "--out", str(out)])
-    sentence = [line for line in (out / "exp_2" / "README.md").read_text().splitlines() if line.startswith("- ")]
-    assert sentence[0].startswith("- **good** is more accurate than **worse** (+15.0 points")
+    results.main([str(fake_run(tmp_path / "runs" / "good", 380, lr=0.1)),
+                  str(fake_run(tmp_path / "runs" / "worse", 320, lr=0.2)), "--out", str(out)])
+    assert _sentences(out / "exp_2" / "README.md")[0].startswith("- **lr=0.1** is more accurate than **lr=0.2** (+15.0")
 
 
-def test_results_of_old_runs_without_prediction_files_say_what_they_lack(finished, tmp_path, capsys):
+def test_runs_on_other_reviews_are_never_compared(tmp_path):
+    """Two runs with the same review indices whose test reviews differ (other data, or files replaced between the
+    runs): their per-review results are not paired. Sabotage: pairing by review index alone, which reported +40
+    points [10, 70] 'on the same reviews' in the red team's case."""
+    out = tmp_path / "out"
+    results.main([str(fake_run(tmp_path / "runs" / "a", 380, lr=0.1, test_sha256="texts of one data set")),
+                  str(fake_run(tmp_path / "runs" / "b", 220, lr=0.2, test_sha256="texts of another")), "--out", str(out)])
+    text = (out / "exp_2" / "README.md").read_text()
+    assert "accuracy A − B" not in text and "McNemar p" not in text
+    assert "- Not compared: lr=0.1 vs lr=0.2: they were tested on different reviews" in text
+
+
+def test_planned_comparisons_are_the_only_ones_holm_corrects_for(tmp_path):
+    """Four rows: with no plan none are compared; --baseline makes 3 comparisons and Holm multiplies the smallest p
+    by 3, not by the 6 of every pair; --compare makes exactly the pairs named, and a comparisons file the same."""
+    runs = [fake_run(tmp_path / "runs" / f"lr{i}", correct, lr=lr)
+            for i, (correct, lr) in enumerate([(380, 0.1), (300, 0.2), (310, 0.3), (370, 0.4)])]
+    paths = [str(run) for run in runs]
+
+    def comparisons(*args) -> list[list[str]]:
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        results.main([*paths, "--out", str(out), *args])
+        lines = (out / "exp_2" / "README.md").read_text().split("## Comparisons")[1].split("\n## ")[0].splitlines()
+        return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| lr=")]
+
+    assert comparisons() == []
+    against = comparisons("--baseline", "lr=0.1")
+    assert [(a, b) for a, b, *_ in against] == [("lr=0.2", "lr=0.1"), ("lr=0.3", "lr=0.1"), ("lr=0.4", "lr=0.1")]
+    smallest = min(against, key=lambda c: float(c[4]))
+    assert float(smallest[5]) == pytest.approx(min(1.0, 3 * float(smallest[4])), rel=1e-2)
+    named = comparisons("--compare", "lr=0.2 vs lr=0.3", "--compare", "lr=0.4 vs lr=0.1")
+    assert [(a, b) for a, b, *_ in named] == [("lr=0.2", "lr=0.3"), ("lr=0.4", "lr=0.1")]
+    plan = tmp_path / "comparisons.yaml"
+    plan.write_text(yaml.safe_dump({"compare": ["lr=0.2 vs lr=0.3", "lr=0.4 vs lr=0.1"]}))
+    assert comparisons("--comparisons", str(plan)) == named
+    with pytest.raises(UserError, match="no row is named 'lr=9'"):
+        comparisons("--baseline", "lr=9")
+
+
+def test_results_refuse_a_run_without_its_prediction_file(finished, tmp_path):
     old = tmp_path / "old" / "bert_b8"
     shutil.copytree(finished / "bert_b8", old)
     shutil.rmtree(old / "predictions")
-    results.main([str(old), "--out", str(tmp_path / "out")])
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 1 and "lacks predictions/test.csv" in notes[0]
-    assert _table_rows(tmp_path / "out" / "exp_1" / "README.md")["bert_b8"]["95% interval"] == "n/a"
+    with pytest.raises(UserError, match="predictions/test.csv is missing or damaged"):
+        results.main([str(old), "--out", str(tmp_path / "out")])
 
 
 def test_results_replace_a_folder_whole_or_not_at_all(finished, tmp_path, monkeypatch):
@@ -149,7 +199,7 @@ def test_results_replace_a_folder_whole_or_not_at_all(finished, tmp_path, monkey
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", disk_full_on_the_third)
-    with pytest.raises(UserError, match="cannot write .*exp_1: No space left on device; the previous results are kept"):
+    with pytest.raises(WriteFailed, match="cannot write .*exp_1: No space left on device"):
         results.main([str(finished / "bert_b8"), "--out", str(out)])
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (out / "exp_1").iterdir()} == before
@@ -169,16 +219,18 @@ def test_results_names_a_missing_folder_an_empty_one_and_foreign_run_files(tmp_p
     with pytest.raises(UserError, match="foreign is not a run directory of this project"):
         results.main([str(foreign), "--out", str(tmp_path / "out")])
     (foreign / "run.json").write_text('{"project": "imdb-grad-accum", "id": "x"}')
-    with pytest.raises(UserError, match="metrics.json lacks script, model"):
+    with pytest.raises(UserError, match="metrics.json lacks or mistypes experiment, trainer, model"):
         results.main([str(foreign), "--out", str(tmp_path / "out")])
     for name, content, message in (("metrics.json", "[1, 2]", "holds no JSON object"),
-                                   ("metrics.json", "{half", "metrics.json: cannot read it"),
-                                   ("history.jsonl", "{not json\n", "history.jsonl: cannot read it"),
-                                   ("config.yaml", "a: [b\n", "config.yaml: cannot read it")):
+                                   ("metrics.json", "{half", "metrics.json is missing or damaged"),
+                                   ("history.jsonl", "{not json\n", "history.jsonl is missing or damaged"),
+                                   ("config.yaml", "a: [b\n", "config.yaml is missing or damaged")):
         good = (foreign / name).read_text()
-        if name != "metrics.json":
-            (foreign / "metrics.json").write_text(json.dumps(dict.fromkeys(results.METRICS, 1) | {
-                "script": "exp_1/x", "model": "m", "device": "cpu", "precision": "fp32"}))
+        if name != "metrics.json":  # a whole run's files, so that only the damaged one is wrong
+            whole = fake_run(tmp_path / f"whole_{name}", 10, reviews=20)
+            for file in ("metrics.json", "predictions/test.csv", "checkpoints/best.safetensors"):
+                (foreign / file).parent.mkdir(exist_ok=True)
+                (foreign / file).write_bytes((whole / file).read_bytes())
         (foreign / name).write_text(content)
         with pytest.raises(UserError, match=message):
             results.main([str(foreign), "--out", str(tmp_path / "out")])
@@ -210,7 +262,7 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
         tmp_path / "runs" / "third": "finished"}
     said = capfd.readouterr().out
     assert "broken: failed (exit code 2: error: data.path=" in said  # the failed run's own one-line reason
-    assert "no such folder" in (tmp_path / "runs" / "broken" / "train.log").read_text()
+    assert "no such file or folder" in (tmp_path / "runs" / "broken" / "train.log").read_text()
     assert sorted(_table_rows(out / "exp_1" / "README.md")) == ["first", "third"]
     saved = yaml.safe_load((tmp_path / "runs" / "first" / "config.yaml").read_text())
     assert saved["seed"] == 3 and saved["tracking"]["group"] == "first+broken+third"  # overrides and group apply
@@ -231,7 +283,7 @@ def test_sweep_skips_finished_runs_and_survives_a_failing_one(tmp_path, tiny_ber
     assert "third: restarting (no resume point yet)" in capfd.readouterr().out
 
     # a finished run is only skipped for the config it was run with
-    with pytest.raises(UserError, match=r"runs/first was run with another config \(it differs in seed\)"):
+    with pytest.raises(UserError, match=r"runs/first has finished with another config \(it differs in seed\)"):
         sweep.main([configs[0], "--out", str(out), "seed=4", "--group", "first+broken+third"])
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import PROJECT, tiny_config
 from exp_1 import main as exp1
-from exp_1.errors import RunStopped, UserError
-from exp_1.rundir import RunDir
+from imdb_grad_accum.errors import RunStopped, UserError
+from imdb_grad_accum.rundir import RunDir
 from exp_2 import main as exp2
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
@@ -301,21 +301,21 @@ def stopped_run(workspace):
     """An exp_2 run stopped (in this process) at optimizer step 57 of 90, in epoch 2, with its uninterrupted twin."""
     config, runs, _ = workspace
     exp2.main(["--config", str(config), "name=inprocess_whole", *STOPPED])
-    from exp_1 import train
+    from imdb_grad_accum.loop import TrainingState
 
-    real = train.Meter.step_done
+    real = TrainingState.step_done
 
     def stops_at_57(self, *step):
         real(self, *step)
-        if self.state.step == 57:
+        if self.step == 57:
             raise KeyboardInterrupt("simulated kill")
 
-    train.Meter.step_done = stops_at_57
+    TrainingState.step_done = stops_at_57
     try:
         with pytest.raises(KeyboardInterrupt):
             exp2.main(["--config", str(config), "name=inprocess_stopped", *STOPPED])
     finally:
-        train.Meter.step_done = real
+        TrainingState.step_done = real
     return config, runs / "inprocess_whole", runs / "inprocess_stopped"
 
 
@@ -436,7 +436,7 @@ def test_a_half_written_resume_point_is_ignored(stopped):
 def test_a_kill_between_the_epoch_point_and_the_best_checkpoint_is_repaired(workspace, stopped_run, monkeypatch):
     config, runs, _ = workspace
     reference = stopped_run[1]
-    from exp_1.rundir import RunDir as Dir
+    from imdb_grad_accum.rundir import RunDir as Dir
 
     def killed_before_writing(self, weights, best):
         raise KeyboardInterrupt("simulated kill after the epoch's resume point")

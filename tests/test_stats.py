@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from exp_1.stats import (
+from imdb_grad_accum.stats import (
     accuracy_by_length,
     bootstrap_interval,
     confusion,

@@ -15,8 +15,8 @@ import yaml
 
 from conftest import PROJECT, tiny_config
 from exp_1 import main as exp1
-from exp_1 import sweep
-from exp_1.cli import run_cli
+from imdb_grad_accum import sweep
+from imdb_grad_accum.cli import run_cli
 from exp_2 import main as exp2
 
 SWEEP = [sys.executable, str(PROJECT / "exp_1" / "sweep.py")]
@@ -25,12 +25,6 @@ TIMING = ("wall_seconds", "train_seconds", "train_samples_per_s", "train_tokens_
 
 def _metrics(run: Path) -> dict:
     return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k not in TIMING}
-
-
-def _span(run: Path) -> tuple[float, float]:
-    """When the run was under way: from its start to its metrics.json."""
-    end = (run / "metrics.json").stat().st_mtime
-    return end - json.loads((run / "metrics.json").read_text())["wall_seconds"], end
 
 
 def _first_table(readme: Path) -> list[str]:
@@ -54,7 +48,7 @@ def grid_study(tmp_path, tiny_bert, reviews_dir, seeds=("1", "2"), grid=("train.
 
 
 @pytest.mark.parametrize("size", ["two runs", pytest.param("2 x 2 grid, 2 seeds", marks=pytest.mark.slow)])
-def test_a_grid_runs_every_point_two_at_a_time_each_as_if_alone(size, tmp_path, tiny_bert, reviews_dir):
+def test_a_grid_runs_every_point_two_at_a_time_each_as_if_alone(size, tmp_path, tiny_bert, reviews_dir, capsys):
     small = size == "two runs"
     config, args = grid_study(tmp_path, tiny_bert, reviews_dir, seeds=("1",) if small else ("1", "2"),
                               grid=("train.lr=1e-3,5e-4",) if small else ("train.lr=1e-3,5e-4", "train.epochs=1,2"))
@@ -63,8 +57,9 @@ def test_a_grid_runs_every_point_two_at_a_time_each_as_if_alone(size, tmp_path, 
     expected = [f"grid_lr{lr}" + ("" if small else f"_epochs{e}") + f"_seed{s}" for lr, e, s in itertools.product(
         ("1e-3", "5e-4"), ("1", "2") if not small else ("",), ("1",) if small else ("1", "2"))]
     assert names == sorted(expected) and set(outcomes.values()) == {"finished"}
-    spans = [_span(path) for path in outcomes]
-    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2)), "no two runs overlapped"
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sweep ")]
+    events = [("start" if ": started" in line else "end") for line in said if ": started" in line or " after " in line]
+    assert events[:2] == ["start", "start"], said  # the second started before the first ended: two at a time
     assert len(_first_table(tmp_path / "results" / "exp_1" / "README.md")) == len(expected) // (1 if small else 2)
     assert set(sweep.main([*args, "--jobs", "2"]).values()) == {"skipped"}  # the same command again: all done
     if small:
@@ -125,7 +120,7 @@ def test_a_stopped_sweep_stops_its_runs_and_the_same_command_finishes_them_exact
     _, err = process.communicate(timeout=300)
     assert process.returncode == (143 if signum == signal.SIGTERM else 130), err[-3000:]
     assert "every running run saved a resume point" in err
-    from exp_1.rundir import RunDir
+    from imdb_grad_accum.rundir import RunDir
 
     assert all(RunDir(run).holder() == "" for run in runs), "a run outlived its sweep"
     assert not any((run / "metrics.json").exists() for run in runs)
@@ -183,8 +178,8 @@ def test_the_wandb_sweep_file_runs_the_study_with_a_distinct_run_per_grid_point(
 
 
 def test_under_a_wandb_agent_the_run_takes_the_agents_id_and_continues(tmp_path, tiny_bert, reviews_dir, monkeypatch):
-    from exp_1.rundir import RunDir
-    from exp_1.tracking import wandb_run_id
+    from imdb_grad_accum.rundir import RunDir
+    from imdb_grad_accum.tracking import wandb_run_id
 
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 1})
     params = tmp_path / "params.yaml"
@@ -211,14 +206,19 @@ def test_under_a_wandb_agent_the_run_takes_the_agents_id_and_continues(tmp_path,
     (["--jobs", "0"], "--jobs 0 must be 1 or more"),
     (["--devices", "7"], "there is no CUDA device 7 here"),
     (["--devices", "gpu0"], "give CUDA device numbers"),
+    (["--grid", "train={epochs: 1},{epochs: 2}", "--grid", "train.epochs=3"], "train.epochs is set by two grids"),
+    (["--grid", "name=a,b"], "--grid name: name cannot be a grid key"),
+    (["--grid", "seed=1,2", "--seeds", "3"], "--grid seed: seed cannot be a grid key; use --seeds"),
+    (["--grid", "train.lr=1e-3,0.001"], "are the same run (their grid values are equal once read)"),
 ], ids=["unknown key", "no values", "an empty value", "a value that fails validation", "no =", "no jobs",
-        "a missing device", "a device that is no number"])
+        "a missing device", "a device that is no number", "two grids of one key", "a grid over name",
+        "a grid over seed with --seeds", "two values that are one"])
 def test_bad_sweep_input_is_one_line_exit_2_before_any_run(argv, expected, tmp_path, tiny_bert, reviews_dir,
                                                           monkeypatch, capsys):
     config = tiny_config(tmp_path, tiny_bert, reviews_dir)
     monkeypatch.setattr(sys, "argv", ["sweep.py", str(config), *argv, "--out", str(tmp_path / "results")])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(sweep.run)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == "" and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "runs").exists()

@@ -12,7 +12,7 @@ from wandb.proto import wandb_internal_pb2
 
 from conftest import tiny_config
 from exp_1 import main as exp1
-from exp_1.rundir import RunDir
+from imdb_grad_accum.rundir import RunDir
 from exp_2 import main as exp2
 
 TRAIN_KEYS = {"train/loss", "train/lr", "train/grad_norm", "train/samples", "train/epoch", "train/tokens_per_s"}
@@ -96,7 +96,8 @@ def test_the_config_holds_what_the_run_derived(offline_run):
     derived = config["derived"]
     assert derived["grad_accum_steps"] == 2 and derived["micro_batch_tokens"] is None and derived["effective_batch_size"] == 8 and derived["num_processes"] == 1
     assert derived["lr"] == config["train"]["lr"] and derived["device"] == "cpu" and derived["precision"] == "fp32"
-    assert derived["script"] == "exp_2/main.py" and set(derived["versions"]) == {"torch", "transformers", "accelerate"}
+    assert (derived["experiment"], derived["trainer"]) == ("exp_2", "pytorch")
+    assert set(derived["versions"]) == {"torch", "transformers", "accelerate"}
     assert "git_commit" in derived and derived["split_sizes"] == {"train": 180, "validation": 20, "test": 20}
     assert derived["split_fingerprint"] == json.loads((run / "metrics.json").read_text())["split_fingerprint"]
 
@@ -104,10 +105,10 @@ def test_the_config_holds_what_the_run_derived(offline_run):
 def test_identity_group_job_type_and_tags(offline_run):
     run, records = offline_run
     (run_record,) = of_type(records, "run")
-    assert run_record.run_group == "sweep-a" and run_record.job_type == "exp_2/main.py"
+    assert run_record.run_group == "sweep-a" and run_record.job_type == "exp_2/pytorch"
     assert list(run_record.tags) == [Path(json.loads((run / "metrics.json").read_text())["model"]).name, "eb8",
                                      "seed3", "mine"]
-    assert run_record.run_id == RunDir(run).marker()["wandb_id"]
+    assert run_record.run_id == RunDir(run).marker()["wandb_ids"][0]
 
 
 def test_the_summary_has_each_test_metric_once_and_the_end_tables(offline_run):
@@ -147,7 +148,7 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_with_every_step_once(tmp_path
     # the killed process's offline file holds what it flushed (often nothing); the resumed run's file replaces it
     # with the whole history, so `wandb sync` uploads one complete run
     (records,) = wandb_records(run)
-    assert of_type(records, "run")[0].run_id == RunDir(run).marker()["wandb_id"]
+    assert of_type(records, "run")[0].run_id == RunDir(run).marker()["wandb_ids"][0]
     steps = [row["_step"] for row in history_rows(records) if "train/loss" in row]
     assert steps == list(range(1, json.loads((run / "metrics.json").read_text())["optimizer_steps"] + 1))
 

@@ -1,12 +1,12 @@
 """The classifier a run trains, as a standard Hugging Face model: an encoder, masked mean (or CLS) pooling, dropout
-and a linear head. `python exp_1/export.py RUN OUT` copies this file into the exported folder, where
+and a linear head. `imdb-export RUN OUT` copies this file into the exported folder, where
 
     AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True)
     pipeline("text-classification", model=OUT, trust_remote_code=True)
 
-load it without this project. It needs only torch and transformers. The project's training model
-(exp_1/model.py) pools with `pool` and cuts long reviews with `keep_ends` from here, so a trained run and its
-export cannot disagree.
+load it without this project. It needs only torch and transformers. The project's training model (model.py) has the
+same `SentimentHead`, and its data cuts long reviews with `keep_ends` from here, so a trained run and its export
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -47,6 +47,34 @@ def keep_ends(texts: list[str], spans: list, budget: int, truncation: str) -> li
     return cut
 
 
+class SentimentHead(nn.Module):
+    """What sits on the encoder: pooling, dropout and a linear layer to the two labels."""
+
+    def __init__(self, hidden_size: int, pooling: str, dropout: float, num_labels: int = 2):
+        super().__init__()
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.classify(pool(hidden, attention_mask, self.pooling))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(pooled))
+
+
+def without_pooler(encoder: nn.Module) -> nn.Module:
+    """BERT's pretrained pooler is not part of this head; unused parameters would also break DDP."""
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
+def takes_token_type_ids(encoder: nn.Module) -> bool:
+    """Decided from the encoder's forward, not its name: ModernBERT silently swallows token_type_ids."""
+    return "token_type_ids" in inspect.signature(encoder.forward).parameters
+
+
 class IMDBSentimentConfig(PreTrainedConfig):
     """The encoder's own config (a sub-config) and the head: pooling, dropout, and how training cut long reviews."""
 
@@ -70,19 +98,16 @@ class IMDBSentimentClassifier(PreTrainedModel):
 
     def __init__(self, config: IMDBSentimentConfig):
         super().__init__(config)
-        self.encoder = AutoModel.from_config(config.encoder_config)
-        if getattr(self.encoder, "pooler", None) is not None:
-            self.encoder.pooler = None  # BERT's pooler is not part of this head
-        self.dropout = nn.Dropout(config.classifier_dropout)
-        self.head = nn.Linear(config.encoder_config.hidden_size, config.num_labels)
-        # decided from the encoder's forward, not its name: ModernBERT silently swallows token_type_ids
-        self.takes_token_type_ids = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
+        self.encoder = without_pooler(AutoModel.from_config(config.encoder_config))
+        self.head = SentimentHead(config.encoder_config.hidden_size, config.pooling, config.classifier_dropout,
+                                  config.num_labels)
+        self.takes_token_type_ids = takes_token_type_ids(self.encoder)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        logits = self.head(self.dropout(pool(hidden, attention_mask, self.config.pooling)))
+        logits = self.head(hidden, attention_mask)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 

@@ -1,6 +1,6 @@
 """Padding-free micro-batches: a micro-batch's reviews concatenated into one row, attention kept within each review.
 
-`exp_1.data.PackedRows` builds the row (per-review position ids and `cu_seqlens` boundaries); `packed_logits` runs a
+`batching.PackedRows` builds the row (per-review position ids and `cu_seqlens` boundaries); `packed_logits` runs a
 SentimentClassifier on it. The encoder must be loaded with the attention implementation registered here
 (`attn_implementation=PACKED`): on CUDA in fp16/bf16 it calls the flash varlen kernel, elsewhere a block-diagonal SDPA
 reference. A model loaded so still runs ordinary padded batches exactly as SDPA does, so evaluation and prediction
@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from exp_1.errors import UserError
+from imdb_grad_accum.errors import UserError
 
 PACKED = "packed_varlen"
 BUCKET = 1024  # train.cuda_graphs: packed rows are padded to a multiple of this many tokens, so that a few shapes
@@ -39,7 +39,7 @@ def select(batch: dict, first: int, stop: int) -> dict:
 
 def packed_logits(classifier, batch: dict) -> torch.Tensor:
     """Logits (one per review slot, labels) of a packed batch, pooled per review like SentimentClassifier.forward
-    pools rows. A bucketed row (`num_reviews` slots, see exp_1.data.PackedRows) also holds empty review slots and
+    pools rows. A bucketed row (`num_reviews` slots, see batching.PackedRows) also holds empty review slots and
     padding sequences after them: they pool to zeros or padding, and their loss weight is 0."""
     input_ids = batch["input_ids"]
     total = input_ids.shape[1]
@@ -53,13 +53,13 @@ def packed_logits(classifier, batch: dict) -> torch.Tensor:
     n = batch.get("num_reviews") or cu.shape[0] - 1
     reviews = cu[:n + 1]
     starts = reviews.long()
-    if classifier.pooling == "cls":
+    if classifier.head.pooling == "cls":
         pooled = hidden[starts[:-1].clamp(max=total - 1)]  # an empty slot past the last token: weight 0 anyway
     else:  # segment mean; tokens after the last review (padding) fall in segment n and are dropped
         segment = segment_ids(reviews, total)
         sums = hidden.new_zeros(n + 1, hidden.shape[-1]).index_add_(0, segment, hidden)[:n]
         pooled = sums / (starts[1:] - starts[:-1]).clamp(min=1).unsqueeze(-1).to(hidden.dtype)
-    return classifier.head(classifier.dropout(pooled))
+    return classifier.head.classify(pooled)
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -118,27 +118,21 @@ def _packed_mask(*args, attention_mask=None, **kwargs):
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def check_cuda_graphs(train, packed: bool) -> None:
-    """train.cuda_graphs replays compiled packed steps of fixed shapes: it needs both, and whole steps."""
-    if train.cuda_graphs and not (train.compile and packed):
-        raise UserError("train.cuda_graphs replays compiled packed steps: it needs train.compile=true and packed rows "
-                        "(train.packing=true, or auto on a GPU in bf16/fp16 with model.attention_dropout=0)")
-    if train.cuda_graphs and train.micro_batch_tokens is not None:
-        raise UserError("train.cuda_graphs takes whole fixed-shape steps; set train.micro_batch_tokens=null with it")
-
-
-def use_packing(setting: str, model_cfg, device: torch.device, precision: str) -> bool:
+def use_packing(cfg, device: torch.device, precision: str) -> bool:
     """train.packing: true packs (on a CPU through the reference attention, exact but not faster); false pads; auto
     packs where the flash varlen kernel runs and was measured faster (docs/performance.md): on CUDA in bf16 or fp16,
-    with model.attention_dropout set to 0 (the kernel has none) and no model.attn_implementation chosen."""
-    setting = setting.lower()
-    if setting == "true" and device.type == "cuda" and (model_cfg.attention_dropout or 0) > 0:
+    with model.attention_dropout set to 0 (the kernel has none) and no model.attn_implementation chosen.
+    train.cuda_graphs replays compiled packed steps, so it needs packing."""
+    setting, model = cfg.train.packing.lower(), cfg.model
+    if setting == "true" and device.type == "cuda" and (model.attention_dropout or 0) > 0:
         raise UserError("train.packing=true on a GPU needs model.attention_dropout=0: the flash varlen kernel has no "
                         "attention dropout")
-    if setting == "auto":
-        return (device.type == "cuda" and precision in ("bf16", "fp16") and model_cfg.attention_dropout == 0
-                and not model_cfg.attn_implementation)
-    return setting == "true"
+    packed = setting == "true" or (setting == "auto" and device.type == "cuda" and precision in ("bf16", "fp16")
+                                   and model.attention_dropout == 0 and not model.attn_implementation)
+    if cfg.train.cuda_graphs and not packed:
+        raise UserError("train.cuda_graphs replays compiled packed steps: it needs packed rows (train.packing=true, or "
+                        "auto on a GPU in bf16/fp16 with model.attention_dropout=0)")
+    return packed
 
 
 AttentionInterface.register(PACKED, packed_attention)

@@ -1,5 +1,5 @@
 """How a command can end other than by finishing: the user's input was wrong (`UserError`, exit code 2), or a run
-stopped before its end (`RunStopped` and its kinds, each with its own exit code). `exp_1/cli.py` turns each into one
+stopped before its end (`RunStopped` and its kinds, each with its own exit code). `cli.run_cli` turns each into one
 line at one place; no other code prints them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake in the user's input: reported as one line and exit code 2, never as a traceback."""
+    """A mistake in the user's input: one line and exit code 2, never a traceback."""
 
 
 class RunStopped(Exception):
@@ -36,7 +36,7 @@ class Preempted(RunStopped):
 
 
 class LostPeer(RunStopped):
-    """Another process of a multi-process run died or stopped answering."""
+    """Another process of a multi-process run failed or stopped answering."""
 
 
 class WriteFailed(RunStopped):
@@ -45,9 +45,9 @@ class WriteFailed(RunStopped):
 
     SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
-    def __init__(self, path: Path, err: OSError, then: str = "run the same command again"):
+    def __init__(self, path: Path, err: OSError, then: str = "run the same command again", verb: str = "write"):
         fix = "free some space" if err.errno in self.SPACE_ERRORS else "make it writable"
-        super().__init__(f"cannot write {path}: {err.strerror or err}; {fix}, then {then}")
+        super().__init__(f"cannot {verb} {path}: {err.strerror or err}; {fix}, then {then}")
         self.path, self.err = path, err
 
 

@@ -1,34 +1,33 @@
 """Export a finished run as a standard Hugging Face model folder, with a model card, optionally pushed to the hub.
 
-    python exp_1/export.py runs/quickstart exported/
-    python exp_1/export.py runs/study/eb64_seed1 exported/ --row runs/study/eb64_seed*   # the card reports the row
-    python exp_1/export.py runs/quickstart exported/ --push-to-hub you/imdb-minilm [--private]
+    imdb-export runs/quickstart exported/
+    imdb-export runs/study/eb64_seed1 exported/ --row runs/study/eb64_seed*   # the card reports the row
+    imdb-export runs/quickstart exported/ --push-to-hub you/imdb-minilm [--private]
 
 The folder loads without this project (transformers and torch only), with the run's best weights unchanged:
 
     AutoModelForSequenceClassification.from_pretrained("exported", trust_remote_code=True)
     pipeline("text-classification", model="exported", trust_remote_code=True)("What a wonderful film.")
 
-The model code (exp_1/imdb_sentiment.py) is copied into the folder, which is why loading needs trust_remote_code.
-The pipeline cuts long reviews the way the run trained (data.truncation), also head_tail, which a tokenizer alone
-cannot express; the tokenizer's model_max_length is the run's data.max_length.
+The model code (imdb_sentiment.py) is copied into the folder, which is why loading needs trust_remote_code. The
+pipeline cuts long reviews the way the run trained (data.truncation), also head_tail, which a tokenizer alone cannot
+express; the tokenizer's model_max_length is the run's data.max_length.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import yaml
 
-from exp_1.cli import CliParser, run_cli
-from exp_1.errors import RunStopped, UserError, WriteFailed
-from exp_1.rundir import RunDir
+from imdb_grad_accum.cli import command_parser, run_cli
+from imdb_grad_accum.errors import RunStopped, UserError
+from imdb_grad_accum.files import write_folder
+from imdb_grad_accum.rundir import LABELS, RunDir, check_finished
 
-LABELS = {0: "negative", 1: "positive"}
 # Licenses of base models this project ships configs for; others are left for the user to state.
 BASE_LICENSES = {"bert-base-uncased": "apache-2.0", "google-bert/bert-base-uncased": "apache-2.0",
                  "answerdotai/ModernBERT-base": "apache-2.0", "sentence-transformers/all-MiniLM-L6-v2": "apache-2.0"}
@@ -59,24 +58,23 @@ def is_export(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (isinstance(config, dict) and config.get("model_type") == "imdb_sentiment"
-            and {p.name for p in folder.iterdir()} <= EXPORT_FILES)
+            and all(p.name in EXPORT_FILES and p.is_file() and not p.is_symlink() for p in folder.iterdir()))
 
 
 def exported_model(run: Path):
     """The run's best checkpoint (verified against its recorded checksum) in the exportable model class, with the
     tokenizer set to the run's max_length and, where it can express it, its truncation side."""
-    from exp_1.config import load_config
-    from exp_1.imdb_sentiment import IMDBSentimentClassifier, IMDBSentimentConfig
-    from exp_1.model import load_run
+    from imdb_grad_accum.imdb_sentiment import IMDBSentimentClassifier, IMDBSentimentConfig
+    from imdb_grad_accum.model import load_run
 
-    cfg = load_config(run / "config.yaml")
-    tokenizer, model = load_run(run)
+    tokenizer, model, cfg = load_run(run)
     encoder_config = model.encoder.config
     encoder_config._attn_implementation_internal = None  # a packed run's attention is this project's own
     config = IMDBSentimentConfig(
         encoder_config=encoder_config, pooling=cfg.model.pooling, classifier_dropout=cfg.model.dropout,
-        truncation=cfg.data.truncation, review_max_length=cfg.data.max_length, num_labels=2, id2label=LABELS,
-        label2id={name: i for i, name in LABELS.items()}, problem_type="single_label_classification",
+        truncation=cfg.data.truncation, review_max_length=cfg.data.max_length, num_labels=2,
+        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+        problem_type="single_label_classification",
         custom_pipelines={"text-classification": {"impl": "imdb_sentiment.IMDBSentimentPipeline",
                                                   "pt": ["AutoModelForSequenceClassification"], "type": "text"}})
     exported = IMDBSentimentClassifier(config)
@@ -93,7 +91,7 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
     and its method, the seeds, the split, the full training config, the versions, and the limits."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from exp_1.results import find_runs, group_rows
+    from imdb_grad_accum.results import find_runs, group_rows
 
     runs = find_runs([run, *row_runs])
     rows = group_rows(runs)
@@ -104,10 +102,7 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
                         "the seed); give only runs of the same configuration")
     this = next(x for x in row.runs if x.path.resolve() == run.resolve())
     single = group_rows([this])[0].values
-    try:
-        m, split = this.metrics, json.loads((run / "split.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{run / 'split.json'} is missing or damaged; the card cannot state the split") from None
+    m, split = this.metrics, RunDir(run).split()
     name = cfg.model.name
     on_hub = not Path(name).expanduser().exists() and name.count("/") <= 1
     interval = single["interval"]
@@ -119,8 +114,8 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
                          datasets=["stanfordnlp/imdb"], pipeline_tag="text-classification", library_name="transformers",
                          tags=["sentiment-analysis", "imdb", "imdb-grad-accum"], metrics=["accuracy", "f1"],
                          model_name=run.name, eval_results=results)
-    cut = this.predictions["truncated"].astype(bool) if this.predictions is not None else None
-    correct = (this.predictions["label"] == this.predictions["predicted"]) if this.predictions is not None else None
+    cut = this.predictions["truncated"].astype(bool)
+    correct = this.predictions["label"] == this.predictions["predicted"]
     lines = [f"# {run.name}: IMDB sentiment (negative / positive)", "",
              f"`{name}` fine-tuned for English movie-review sentiment with imdb-grad-accum (a leak-free split of "
              "IMDB, exact gradient accumulation). The weights are "
@@ -135,9 +130,7 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
              "", "## Results", "",
              f"On the held-out test split ({m['n_test']} reviews): accuracy **{m['test_accuracy']:.4f}** (95% interval "
              f"{interval[0]:.4f} – {interval[1]:.4f}, {single['basis']}), F1 {m['test_f1']:.4f}, loss "
-             f"{m['test_loss']:.4f}." if interval else
-             f"On the held-out test split ({m['n_test']} reviews): accuracy **{m['test_accuracy']:.4f}**, F1 "
-             f"{m['test_f1']:.4f}, loss {m['test_loss']:.4f}."]
+             f"{m['test_loss']:.4f}."]
     if len(row.runs) > 1:
         mean, sd = row.values["accuracy"]
         low, high = row.values["interval"]
@@ -157,7 +150,7 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
               + (f", project commit `{m['git_commit']}`" if m.get("git_commit") else "") + ".",
               "", "The full training config:", "", "```yaml",
-              yaml.safe_dump(yaml.safe_load((run / "config.yaml").read_text()), sort_keys=False).rstrip(), "```",
+              yaml.safe_dump(this.config, sort_keys=False).rstrip(), "```",
               "", "## Limits", "",
               "- English movie reviews from IMDB (polarised: ratings ≤ 4 negative, ≥ 7 positive); other domains, "
               "languages and neutral texts are outside what it was trained and tested on.",
@@ -168,40 +161,25 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
               "with `truncation=True` keeps " + ("the end" if cfg.data.truncation == "tail" else "the beginning")
               + (" instead, which differs from training for long reviews." if cfg.data.truncation == "head_tail"
                  else ", as in training.")]
-    if cut is not None and cut.any() and (~cut).any():
+    if cut.any() and (~cut).any():
         lines.append(f"- {cut.mean():.0%} of the test reviews were cut; accuracy on them {correct[cut].mean():.4f}, "
                      f"on the others {correct[~cut].mean():.4f}.")
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
     return str(card)
 
 
-def export(run: Path, out: Path, overwrite: bool = False, row_runs: list[Path] = ()) -> Path:
-    """Writes the export into a temporary folder beside OUT and renames it into place, so OUT is either the
-    previous content or the complete new export."""
+def export(run: Path, out: Path, row_runs: list[Path] = ()) -> Path:
+    """Writes the export into a temporary folder of its own beside OUT and renames it into place, so OUT is either the
+    previous export or the complete new one."""
     cfg, tokenizer, model = exported_model(run)
     card = model_card(run, cfg, list(row_runs))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.with_name(f".{out.name}.old")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+    with write_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         for file in tmp.iterdir():  # as any new file would be: save_pretrained leaves some private
-            file.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise WriteFailed(out, err) from None
+            file.chmod(0o666 & ~_umask())
     return out
 
 
@@ -226,7 +204,7 @@ def push(out: Path, repo_id: str, private: bool) -> str:
 
 
 def main(argv=None) -> Path:
-    p = CliParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("run", type=Path, help="a finished run directory, e.g. runs/quickstart")
     p.add_argument("out", type=Path, help="the folder to write the exported model into")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a previous export")
@@ -235,20 +213,33 @@ def main(argv=None) -> Path:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload OUT to this hub repo (created if needed)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = p.parse_intermixed_args(argv)
-
-    run = RunDir(args.run)
-    if not run.is_run():
-        raise UserError(f"{args.run} is not a run directory of this project (no valid run.json)")
-    if not run.is_finished():
-        raise UserError(f"{args.run} has not finished training (no metrics.json); finish it with --resume first")
+    check_finished(RunDir(args.run), "export")
     if args.private and not args.push_to_hub:
         raise UserError("--private goes with --push-to-hub REPO_ID")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            raise UserError(f"--push-to-hub {args.push_to_hub!r} is not a hub repo id ({str(err).splitlines()[0][:120]}"
+                            "); write it as user/name") from None
     check_out(args.out, args.overwrite)
-    out = export(args.run, args.out, args.overwrite, args.row)
+    if not sys.stderr.isatty():  # transformers' shard bar would fill a log file
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    out = export(args.run, args.out, args.row)
     print(f"exported {args.run} to {out}")
     if args.push_to_hub:
         print(f"pushed to {push(out, args.push_to_hub, args.private)}")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cli() -> None:

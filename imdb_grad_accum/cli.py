@@ -1,5 +1,5 @@
-"""The command-line boundary of every entry script: arguments, --help generated from the config schema,
---print-config, --device-check, and how a run ends (one line and an exit code for every way it can stop).
+"""The command-line boundary of every command: arguments, --help generated from the config schema, --print-config,
+--device-check, and how a command ends (one line and an exit code for every way it can stop).
 
 Nothing here imports torch, so --help, --print-config and config errors answer in well under a second.
 """
@@ -10,20 +10,24 @@ import argparse
 import ast
 import contextlib
 import ctypes
+import hashlib
 import io
 import os
+import re
 import signal
 import sys
 import tokenize
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from exp_1 import config as schema
-from exp_1.config import Config, load_config
-from exp_1.errors import RunStopped, UserError
-from exp_1.rundir import RunDir
+from imdb_grad_accum import schema
+from imdb_grad_accum.config import config_changes, flatten, load_config, to_plain_dict
+from imdb_grad_accum.schema import MAX_NAME, Config
+from imdb_grad_accum.errors import RunStopped, UserError
+from imdb_grad_accum.rundir import RunDir
 
 
 class CliParser(argparse.ArgumentParser):
@@ -31,11 +35,16 @@ class CliParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def command_parser(doc: str) -> CliParser:
+    """The parser of a command on runs (results, sweep, predict, export, evaluate): its docstring as --help."""
+    return CliParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
-                   launcher: bool = False) -> tuple[argparse.Namespace, DictConfig]:
-    """The arguments and the resolved config of an entry script. --help, --print-config and --device-check answer
-    here and exit 0; nothing has been written then. `launcher`: the script takes the mixed precision of
-    `accelerate launch` / `accelerate config` (exp_2/main_accelerate.py)."""
+                   check: Callable[[DictConfig], Any]) -> tuple[argparse.Namespace, DictConfig]:
+    """The arguments (`mode`: start, resume, overwrite or continue) and the resolved config of a training script;
+    `check(cfg)` is what the script refuses before it loads anything. --help, --print-config and --device-check
+    answer here and exit 0; nothing has been written then."""
     parser = CliParser(prog=Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else None,
                        description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=config_help())
@@ -48,7 +57,8 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
                       help="resume the run from its newest resume point if it has one, start it (again) if it has "
                       "none, and do nothing if it has finished: what sweeps and WandB agents run")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (after base: files and overrides) and exit")
+                        help="check the config as a run would, print it resolved (after base: files and overrides) "
+                        "and exit")
     parser.add_argument("--device-check", action="store_true",
                         help="print the device and precision this run would use, and why, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-5")
@@ -58,37 +68,63 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
         # a WandB sweep agent passes its parameters as overrides: each run gets a name of its own from them
         params = sweep_parameters()
         named = [o for o in args.overrides if params is None or o.split("=", 1)[0] in params]
-        args.overrides.append(f"name={schema.run_name(cfg.name, named)}")
+        args.overrides.append(f"name={run_name(cfg.name, named)}")
         cfg = load_config(args.config, args.overrides)
+    check(cfg)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         raise SystemExit(0)
     if args.device_check:
-        from exp_1.device import device_report
-        from exp_1.precision import launcher_precision
+        from imdb_grad_accum.device import device_report
 
-        report = device_report(cfg, launcher_precision() if launcher else None)
+        report = device_report(cfg)
         print(report)
         raise SystemExit(2 if "this run would stop" in report else 0)
-    if args.continue_run:
+    args.mode = ("resume" if args.resume else "overwrite" if args.overwrite else "continue" if args.continue_run
+                 else "start")
+    if args.continue_run and RunDir.of(cfg).is_finished():  # answered before torch loads: sweeps skip runs fast
         run = RunDir.of(cfg)
-        if run.is_finished():
-            changed = run.config_changes(cfg)
-            if changed:
-                raise UserError(f"--continue: {run.path} has finished with another config (it differs in "
-                                f"{', '.join(changed)}); give this config another name= or output_dir=")
-            print(f"{run.path} has finished (metrics.json exists); nothing to do")
-            raise SystemExit(0)
-        args.resume = bool(run.resume_points())
-        args.overwrite = not args.resume and run.is_run() and run.has_results()
+        changed = config_changes(run.saved_config(), to_plain_dict(cfg))
+        if changed:
+            raise UserError(f"--continue: {run.path} has finished with another config (it differs in "
+                            f"{', '.join(changed)}); give this config another name= or output_dir=")
+        print(f"{run.path} has finished (metrics.json exists); nothing to do")
+        raise SystemExit(0)
     return args, cfg
+
+
+def run_name(base: str, overrides: List[str]) -> str:
+    """A readable, stable name for a run of `base` with these overrides (a sweep's grid point and seed, a WandB
+    agent's parameters): `<base>_<key><value>...`, each key by its last part, a section's mapping by its keys, the
+    seed last, e.g. quickstart_lr3e-5_epochs2_seed1."""
+    parts, seed = [], None
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in ("name", "output_dir") or key.startswith("tracking."):
+            continue
+        if key == "seed":
+            seed = value
+            continue
+        parsed = yaml.safe_load(value) if value.strip().startswith("{") else None
+        pairs = flatten(parsed).items() if isinstance(parsed, dict) else [(key, value)]
+        parts += [f"{leaf.rsplit('.', 1)[-1]}{_name_safe(str(v))}" for leaf, v in pairs]
+    name = "_".join([base, *parts] + ([f"seed{seed}"] if seed is not None else []))
+    if len(name.encode()) > MAX_NAME:
+        raise UserError(f"the run name {name[:60]}... made from the overrides is longer than {MAX_NAME} bytes; give "
+                        "the runs shorter values or set name=")
+    return name
+
+
+def _name_safe(value: str) -> str:
+    """The value as it can stand in a folder name; one that had to change gets a short hash of itself, so that two
+    values never make one name (/a/b and /a-b)."""
+    safe = re.sub(r"[^\w.+-]", "-", value.replace(" ", "")).strip("-")
+    return safe if safe == value else f"{safe}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
 
 
 def sweep_parameters() -> set[str] | None:
     """The names of the parameters a WandB sweep agent chose for this run (the file it names in
     WANDB_SWEEP_PARAM_PATH), or None when it cannot be read."""
-    import yaml
-
     try:
         params = yaml.safe_load(Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).read_text())
     except (KeyError, OSError, yaml.YAMLError):
@@ -136,7 +172,7 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------- how a run ends
+# ----------------------------------------------------------------------------------------------- how a command ends
 
 class Preemption:
     """SIGTERM, which pre-emptible clouds send shortly before a kill, only sets `requested`: the training loop acts
@@ -171,6 +207,6 @@ def run_cli(main: Callable[[list[str]], Any]) -> None:
 
 def die_with_parent() -> None:
     """Ask Linux to send this process SIGTERM when its parent dies (a killed sweep or `accelerate launch`), so no
-    orphan keeps writing a run directory; elsewhere a no-op."""
+    orphan keeps a GPU busy; elsewhere a no-op. Python has no binding for prctl(2), whose ABI is stable."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

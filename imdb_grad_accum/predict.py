@@ -1,8 +1,8 @@
 """Classify reviews with a finished run's best checkpoint.
 
-    python exp_1/predict.py runs/quickstart "A moving, beautifully shot film." "Two hours I will never get back."
-    python exp_1/predict.py runs/quickstart --file reviews.txt        # one review per line; or .csv/.jsonl with `text`
-    python exp_1/predict.py runs/quickstart --file reviews.csv --out predictions.csv   # or .jsonl
+    imdb-predict runs/quickstart "A moving, beautifully shot film." "Two hours I will never get back."
+    imdb-predict runs/quickstart --file reviews.txt        # one review per line; or .csv/.jsonl with `text`
+    imdb-predict runs/quickstart --file reviews.csv --out predictions.csv   # or .jsonl
 
 Reviews are cut to the run's max_length the way it trained (data.truncation) and classified in batches, longest
 first. Each gets a label (negative / positive) and the probability the model gives that label.
@@ -17,40 +17,44 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from exp_1.cli import CliParser, run_cli
-from exp_1.config import load_config
-from exp_1.errors import UserError
-from exp_1.data import make_collator, encode
-from exp_1.model import SentimentClassifier, load_run, model_inputs
-from exp_1.device import pick_device
-from exp_1.files import write_file
-from exp_1.rundir import RunDir
-from exp_1.precision import autocast, pick_precision
-from exp_1.train import to_device
-
-LABELS = ("negative", "positive")
+from imdb_grad_accum.cli import command_parser, run_cli
+from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.files import write_file
+from imdb_grad_accum.rundir import LABELS, RunDir, check_finished
 
 
-@torch.no_grad()
-def predict(model: SentimentClassifier, tokenizer, cfg, texts: list[str], batch_size: int = 32,
-            device: torch.device = torch.device("cpu"), precision: str = "fp32") -> list[tuple[str, float]]:
-    """(label, probability of that label) per text, in the order given."""
-    model.eval().to(device)
+def classify(run: Path, texts: list[str], batch_size: int = 32):
+    """The logits (reviews x 2, float32, on the CPU) and full token lengths the run's best checkpoint gives `texts`,
+    computed in the run's precision where this device has it (fp16 runs predict in bf16 or fp32 on a CPU), each
+    review cut the way the run trained."""
+    import torch
+
+    from imdb_grad_accum.batching import make_collator
+    from imdb_grad_accum.data import encode
+    from imdb_grad_accum.device import autocast, pick_device, pick_precision
+    from imdb_grad_accum.model import load_run, model_inputs
+    from imdb_grad_accum.training import to_device
+
+    tokenizer, model, cfg = load_run(run)
+    device = pick_device("auto")
+    try:
+        precision = pick_precision(cfg.train.precision, device)
+    except UserError:
+        precision = pick_precision("auto", device)
+    model.to(device)
     rows = encode(texts, tokenizer, cfg.data.max_length, model.input_names, cfg.data.truncation)
-    rows.pop("full_length")
+    full_lengths = np.asarray(rows.pop("full_length"))
     order = np.argsort(-np.asarray(rows.pop("length")), kind="stable")  # similar lengths batch with little padding
     collate = make_collator(tokenizer, cfg, device)
-    probabilities = torch.empty(len(texts), 2)
-    for start in range(0, len(texts), batch_size):
-        chosen = order[start:start + batch_size]
-        batch = to_device(collate([{name: rows[name][i] for name in rows} for i in chosen]), device)
-        with autocast(device, precision):
-            logits = model(**model_inputs(batch))
-        probabilities[chosen] = logits.float().softmax(-1).cpu()
-    confidence, label = probabilities.max(-1)
-    return [(LABELS[i], p) for i, p in zip(label.tolist(), confidence.tolist())]
+    logits = torch.empty(len(texts), 2)
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = to_device(collate([{name: rows[name][i] for name in rows} for i in chosen]), device)
+            with autocast(device, precision):
+                logits[chosen] = model(**model_inputs(batch)).float().cpu()
+    return logits, full_lengths, cfg
 
 
 def read_texts(path: Path) -> list[str]:
@@ -92,16 +96,16 @@ def write_predictions(path: Path, texts: list[str], predictions: list[tuple[str,
     records = [{"text": t, "label": label, "probability": round(p, 4)} for t, (label, p) in zip(texts, predictions)]
     if path.suffix.lower() == ".jsonl":
         write_file(path, "".join(json.dumps(r) + "\n" for r in records))
-    else:
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=["text", "label", "probability"])
-        writer.writeheader()
-        writer.writerows(records)
-        write_file(path, table.getvalue())
+        return
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["text", "label", "probability"])
+    writer.writeheader()
+    writer.writerows(records)
+    write_file(path, table.getvalue())
 
 
 def main(argv=None) -> list[tuple[str, float]]:
-    p = CliParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("run", type=Path, help="a finished run directory, e.g. runs/quickstart")
     p.add_argument("texts", nargs="*", help="reviews to classify")
     p.add_argument("--file", type=Path, help="more reviews: .txt (one per line), .csv or .jsonl with a text column")
@@ -109,21 +113,18 @@ def main(argv=None) -> list[tuple[str, float]]:
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_intermixed_args(argv)
-
-    if not RunDir(args.run).is_run():
-        raise UserError(f"{args.run} is not a run directory of this project (no valid run.json)")
-    if not (args.run / "metrics.json").is_file():
-        raise UserError(f"{args.run} has not finished training (no metrics.json); finish it with --resume first")
-    if args.out is not None and args.out.suffix.lower() not in (".csv", ".jsonl"):
-        raise UserError(f"--out {args.out}: use a .csv or .jsonl file name")
+    check_finished(RunDir(args.run), "predict with")
+    if args.out is not None:
+        if args.out.suffix.lower() not in (".csv", ".jsonl"):
+            raise UserError(f"--out {args.out}: use a .csv or .jsonl file name")
+        if not args.out.parent.is_dir():
+            raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
+        if args.out.is_dir():
+            raise UserError(f"--out {args.out} is a folder; give a .csv or .jsonl file name")
+        if args.out.exists() and not args.overwrite:
+            raise UserError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file name")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive integer")
-    if args.out is not None and not args.out.parent.is_dir():
-        raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
-    if args.out is not None and args.out.is_dir():
-        raise UserError(f"--out {args.out} is a folder; give a .csv or .jsonl file name")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise UserError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file name")
     texts = args.texts + (read_texts(args.file) if args.file else [])
     if not texts:
         raise UserError(f"--file {args.file} holds no reviews" if args.file else
@@ -131,15 +132,9 @@ def main(argv=None) -> list[tuple[str, float]]:
     empty = [i for i, text in enumerate(texts, 1) if not text.strip()]
     if empty:
         raise UserError(f"review {empty[0]} is empty ({len(empty)} empty in all); give each review some text")
-
-    cfg = load_config(args.run / "config.yaml")
-    device = pick_device("auto")
-    try:  # the run's own precision where this device has it (fp16 runs predict in bf16/fp32 on a CPU)
-        precision = pick_precision(cfg.train.precision, device)
-    except UserError:
-        precision = pick_precision("auto", device)
-    tokenizer, model = load_run(args.run)
-    predictions = predict(model, tokenizer, cfg, texts, args.batch_size, device, precision)
+    logits = classify(args.run, texts, args.batch_size)[0]
+    confidence, label = logits.softmax(-1).max(-1)
+    predictions = [(LABELS[i], p) for i, p in zip(label.tolist(), confidence.tolist())]
     if args.out is not None:
         write_predictions(args.out, texts, predictions)
         print(f"{len(texts)} predictions written to {args.out}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""The writer's lock: one process writes a run directory at a time.
+
+An exclusive flock on the run directory itself and on its .lock file, held for the life of the writer; the operating
+system releases both when the process ends, even by SIGKILL. The folder's lock survives the removal or replacement
+of .lock (tidying tools, syncs); the file's works where folders cannot be locked (NFS). The holder writes its process
+id and command into .lock when it first writes, which is how a refused second writer learns who holds the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+from imdb_grad_accum.errors import UserError
+
+LOCK = ".lock"
+
+
+class RunLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fds: list[int] = []
+        self.ids: dict[Path, tuple[int, int]] = {}
+
+    @classmethod
+    def take(cls, path: Path) -> "RunLock":
+        lock = cls(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            lock.fds.append(folder)
+            _flock(folder, path, optional=True)
+            try:
+                file = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            except IsADirectoryError:
+                raise UserError(f"{path / LOCK} is a folder, not the run's lock file; remove it if no process runs "
+                                "this run, then repeat the command") from None
+            lock.fds.append(file)
+            _flock(file, path)
+            lock.ids = {path: _identity(os.fstat(folder)), path / LOCK: _identity(os.fstat(file))}
+        except OSError as err:
+            lock.release()
+            raise UserError(f"cannot lock {path}: {err.strerror}") from None
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def announce(self) -> None:
+        """Writes who holds the lock into .lock: at the writer's first write, so that a command refused after taking
+        the lock (a resume point found damaged) has changed nothing."""
+        os.ftruncate(self.fds[-1], 0)
+        os.pwrite(self.fds[-1], f"{os.getpid()} {' '.join(sys.argv)[:300]}\n".encode(errors="replace"), 0)
+
+    def intact(self) -> bool:
+        """The folder and .lock are still the ones locked (nobody removed or replaced them)."""
+        try:
+            return all(_identity(os.stat(p)) == ident for p, ident in self.ids.items())
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        for fd in reversed(self.fds):
+            os.close(fd)
+        self.fds = []
+
+
+def holder(path: Path) -> str:
+    """Who holds the lock of the run at `path` ('process 123 (command)'), or '' when nobody does."""
+    for locked in (path / LOCK, path):
+        with contextlib.suppress(OSError):
+            fd = os.open(locked, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _describe(path)
+            finally:
+                os.close(fd)
+    return ""
+
+
+def _describe(path: Path) -> str:
+    try:
+        pid, _, command = (path / LOCK).read_text(errors="replace").strip().partition(" ")
+    except OSError:
+        return "another process"
+    return f"process {pid}" + (f" ({command[:160]})" if command else "") if pid.isdigit() else "another process"
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def _flock(fd: int, run: Path, optional: bool = False) -> None:
+    """Lock `fd` (open on the run directory or its .lock) or say who holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{run} is in use by {_describe(run)}; wait for it to end, or stop it first") from None
+    except OSError as err:
+        if optional and err.errno in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a filesystem that cannot lock folders (NFS): the .lock file's lock still stands
+        raise

@@ -1,0 +1,177 @@
+"""Statistics for comparing runs: bootstrap and seed intervals, paired tests, calibration and per-length accuracy.
+
+numpy and scipy.stats; what they lack is here: the paired bootstrap that resamples reviews (paired) and seeds, the
+majority vote over seeds, Holm's correction and the calibration bins. Every random function takes an explicit
+`seed`, so the same inputs always give the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+CHUNK_ELEMENTS = 6_000_000  # of one (resamples, n) index matrix: int64 indices plus gathered values near 100 MB
+
+
+def _chunks(resamples: int, n: int) -> list[int]:
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    chunk = max(1, CHUNK_ELEMENTS // n)
+    return [min(chunk, resamples - start) for start in range(0, resamples, chunk)]
+
+
+def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
+    lower, upper = np.quantile(replicates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lower), float(upper)
+
+
+def _binary(values, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{name} must contain only 0/1 (or booleans)")
+    return array.astype(bool)
+
+
+def bootstrap_interval(correct, resamples: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-review correctness, resampling reviews with replacement."""
+    values = np.asarray(correct, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"correct must be a non-empty 1-D array, got shape {values.shape}")
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, values.size, size=(chunk, values.size))].mean(axis=1)
+             for chunk in _chunks(resamples, values.size)]
+    return _interval(np.concatenate(means), level)
+
+
+def seed_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean over seeds: mean ± t_{(1+level)/2, n-1} · sd / sqrt(n), sd with ddof=1."""
+    sample = np.asarray(values, dtype=np.float64)
+    if sample.ndim != 1 or sample.size < 2:
+        raise ValueError(f"seed_interval needs a 1-D list of at least 2 values, got shape {sample.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
+    if sample.std() == 0:
+        return float(sample.mean()), float(sample.mean())
+    low, high = stats.t.interval(level, sample.size - 1, loc=sample.mean(), scale=stats.sem(sample))
+    return float(low), float(high)
+
+
+def paired_bootstrap_difference(correct_a, correct_b, resamples: int = 10000, seed: int = 0,
+                                level: float = 0.95) -> tuple[float, float, float]:
+    """Difference of mean accuracy a - b with a paired bootstrap interval: (difference, lower, upper).
+
+    `correct_a` is (seeds_a, n) and `correct_b` is (seeds_b, n), a 1-D array being one seed; column j is the same
+    test review in both. Each replicate resamples the n reviews with the same indices for a and b (paired), and each
+    side's seeds with replacement, independently, when it has 2 or more, so the interval covers both test-set and
+    seed variation. With one seed each this is the plain paired bootstrap."""
+    a, b = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (correct_a, correct_b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] == 0 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must be (seeds, n) over the same n >= 1 reviews, got {a.shape} and {b.shape}")
+    if np.array_equal(a, b):  # the same runs on the same reviews: every replicate's difference is zero
+        return 0.0, 0.0, 0.0
+    difference = float((a.mean(axis=0) - b.mean(axis=0)).mean())  # exact for one seed each: a count over n
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+
+    def accuracy(correct: np.ndarray, reviews: np.ndarray) -> np.ndarray:
+        per_seed = np.stack([row[reviews].mean(axis=1) for row in correct], axis=1)  # (chunk, seeds)
+        if correct.shape[0] == 1:
+            return per_seed[:, 0]
+        seeds = rng.integers(0, correct.shape[0], size=per_seed.shape)
+        return np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1)
+
+    replicates = []
+    for chunk in _chunks(resamples, n):
+        reviews = rng.integers(0, n, size=(chunk, n))
+        replicates.append(accuracy(a, reviews) - accuracy(b, reviews))
+    return (difference, *_interval(np.concatenate(replicates), level))
+
+
+def majority_correct(correct) -> np.ndarray:
+    """Per-review majority vote over seeds, from shape (seeds, n) or (n,) to a 1-D boolean array. A review counts as
+    correct when more than half of the seeds got it right; on a tie (an even number of seeds) the first seed decides."""
+    votes = np.atleast_2d(_binary(correct, "correct"))
+    right = votes.sum(axis=0)
+    return np.where(2 * right == votes.shape[0], votes[0], 2 * right > votes.shape[0])
+
+
+def mcnemar_exact(correct_a, correct_b) -> float:
+    """Exact two-sided McNemar p-value for paired 1-D correctness of two classifiers on the same reviews: a binomial
+    test of the reviews only a got right against those only b got right (1 when there are none)."""
+    a, b = _binary(correct_a, "correct_a"), _binary(correct_b, "correct_b")
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b must be 1-D of equal length, got {a.shape} and {b.shape}")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    return 1.0 if only_a + only_b == 0 else float(stats.binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
+
+
+def holm_adjust(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in input order (monotone in the raw p-values, capped at 1)."""
+    raw = np.asarray(p_values, dtype=np.float64)
+    if raw.ndim != 1 or ((raw < 0) | (raw > 1)).any() or np.isnan(raw).any():
+        raise ValueError("p_values must be a flat list of numbers in [0, 1]")
+    order = np.argsort(raw, kind="stable")
+    scaled = np.maximum.accumulate((raw.size - np.arange(raw.size)) * raw[order])  # the i-th smallest x (m - i)
+    adjusted = np.empty(raw.size)
+    adjusted[order] = np.minimum(scaled, 1.0)
+    return adjusted.tolist()
+
+
+def expected_calibration_error(prob_positive, labels, bins: int = 10) -> tuple[float, list[dict]]:
+    """Expected calibration error of a binary classifier, and its non-empty bins for a reliability diagram.
+
+    The prediction is positive when p >= 0.5 and its confidence is max(p, 1 - p), in [0.5, 1], cut into `bins`
+    equal bins (the last includes 1.0). ECE = Σ (count / n) · |accuracy - mean confidence|. Each bin is {"low",
+    "high", "count", "accuracy", "confidence"}."""
+    probabilities, truth = np.asarray(prob_positive, dtype=np.float64), _binary(labels, "labels")
+    if probabilities.ndim != 1 or probabilities.size == 0 or probabilities.shape != truth.shape:
+        raise ValueError(f"need matching non-empty 1-D arrays, got {probabilities.shape} and {truth.shape}")
+    if not ((probabilities >= 0) & (probabilities <= 1)).all():
+        raise ValueError("prob_positive must lie in [0, 1]")
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    predicted = probabilities >= 0.5
+    confidence = np.where(predicted, probabilities, 1.0 - probabilities)
+    correct = predicted == truth
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    bin_of = np.minimum(np.searchsorted(edges, confidence, side="right") - 1, bins - 1)
+    ece, reliability = 0.0, []
+    for i in range(bins):
+        members = bin_of == i
+        if members.any():
+            accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
+            ece += members.sum() / probabilities.size * abs(accuracy - mean_confidence)
+            reliability.append({"low": float(edges[i]), "high": float(edges[i + 1]), "count": int(members.sum()),
+                                "accuracy": accuracy, "confidence": mean_confidence})
+    return float(ece), reliability
+
+
+def accuracy_by_length(correct, tokens, truncated, edges: list[int]) -> list[dict]:
+    """Accuracy per token-count bin, split by whether the review was truncated; empty cells are left out.
+
+    Bins are [edges[i], edges[i+1]) labelled "128-255"; when some review has at least edges[-1] tokens an extra
+    open-ended bin ">=<last edge>" is added. Each cell is {"bin", "truncated", "count", "accuracy"}, in bin order,
+    untruncated before truncated."""
+    right, lengths, cut = np.asarray(correct, dtype=np.float64), np.asarray(tokens), _binary(truncated, "truncated")
+    if not (right.ndim == 1 and right.shape == lengths.shape == cut.shape):
+        raise ValueError("correct, tokens and truncated must be 1-D arrays of the same length")
+    if len(edges) < 2 or any(low >= high for low, high in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be at least 2 strictly increasing token counts, got {edges}")
+    if lengths.size and lengths.min() < edges[0]:
+        raise ValueError(f"a review has {lengths.min()} tokens, below the first edge {edges[0]}")
+    bins = [(f"{low}-{high - 1}", (lengths >= low) & (lengths < high)) for low, high in zip(edges, edges[1:])]
+    if lengths.size and lengths.max() >= edges[-1]:
+        bins.append((f">={edges[-1]}", lengths >= edges[-1]))
+    return [{"bin": label, "truncated": is_cut, "count": int(members.sum()), "accuracy": float(right[members].mean())}
+            for label, in_bin in bins for is_cut in (False, True)
+            if (members := in_bin & (cut == is_cut)).any()]
+
+
+def confusion(labels, predicted) -> np.ndarray:
+    """2x2 confusion counts: rows are the true label (0 negative, 1 positive), columns the predicted label."""
+    truth, guess = _binary(labels, "labels"), _binary(predicted, "predicted")
+    if truth.shape != guess.shape:
+        raise ValueError(f"labels and predicted must have the same shape, got {truth.shape} and {guess.shape}")
+    return np.bincount(2 * truth.ravel().astype(int) + guess.ravel().astype(int), minlength=4).reshape(2, 2)
