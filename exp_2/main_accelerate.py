@@ -11,8 +11,6 @@ used. Lines of the loop that differ from exp_2/main.py end with a tag saying why
 tests/test_loops.py keeps the rest of the three loops identical.
 """
 
-from __future__ import annotations
-
 import contextlib
 import math
 import os
@@ -177,7 +175,7 @@ def train(cfg: DictConfig, mode: str = "start") -> dict:
                 if not due.anything:
                     continue
                 state.read_back(reduce)  # a diverged loss stops the run here, before anything keeps its weights
-                stop = agreed_stop(Preemption.requested, reduce)
+                stop = agreed_stop(Preemption.requested, device, reduce)
                 if due.log:
                     records.log_training(state, step_in_epoch)
                 if due.validate:  # every validation may become the best checkpoint, and may stop training early

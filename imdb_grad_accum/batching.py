@@ -1,12 +1,4 @@
-"""Batches: optimizer-step windows of reviews, cut into micro-batches for each process (padded or packed), and the
-evaluation loaders.
-
-An epoch's order depends only on the seed, the epoch and the effective batch, so `batch_size=12` and `batch_size=4,
-grad_accum_steps=3` put the same samples in the same optimizer steps; every sample carries the loss weight that makes
-a step over k micro-batches equal a step over one batch (exact accumulation, README: Experiment 2).
-"""
-
-from __future__ import annotations
+"""Batches: optimizer-step windows of reviews, cut into micro-batches for each process, and evaluation loaders."""
 
 from dataclasses import dataclass
 from typing import Iterator
@@ -22,33 +14,24 @@ from transformers import DataCollatorWithPadding
 from imdb_grad_accum.config import StepLayout
 from imdb_grad_accum.data import Splits
 from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.packing import BUCKET
 
 
 class WindowBatchSampler:
-    """Micro-batches for one process, grouped into optimizer-step windows.
-
-    An epoch's order depends only on the seed, the epoch and the effective batch (micro-batch x accumulation x
-    processes): the samples are shuffled, optionally grouped by length, and cut into windows of one effective batch.
-    Each window is then cut into exactly `layout.loader_batches x processes` micro-batches, dealt round-robin to processes,
-    so `batch_size=12` and `batch_size=4, grad_accum_steps=3` put the same samples in the same optimizer steps.
-
-    Every sample carries `loss_weight = 1 / (samples in its window)`: the weighted loss sums to the window's mean, so
-    a step over k micro-batches equals a step over one batch, also for the smaller last window of an epoch. A last
-    window with fewer samples than micro-batches is filled with copies of weight 0, which add nothing to the gradient.
-    """
+    """Micro-batches for one process, in optimizer-step windows that depend only on the seed, the epoch and the
+    effective batch, so `batch_size=12` and `batch_size=4, grad_accum_steps=3` make the same steps. Each sample's
+    `loss_weight` is 1 / (samples in its window): k micro-batches add up to one batch (filler copies weigh 0)."""
 
     GROUP_WINDOWS = 50  # windows per length-sorted chunk: enough to group lengths, few enough to stay random
 
     def __init__(self, lengths, layout: StepLayout, seed: int, process_index: int = 0, group_by_length: bool = True):
         self.lengths = np.asarray(lengths)
         self.layout, self.seed, self.process_index = layout, seed, process_index
-        self.group_by_length = group_by_length
-        self.effective_batch = layout.effective_batch
-        self.epoch = 0
+        self.group_by_length, self.epoch = group_by_length, 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.lengths) // self.effective_batch)
+        return -(-len(self.lengths) // self.layout.effective_batch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -63,13 +46,12 @@ class WindowBatchSampler:
 
     def windows(self) -> list[np.ndarray]:
         """The epoch's optimizer steps, as arrays of dataset indices (global, across processes)."""
-        size = self.effective_batch
+        size = self.layout.effective_batch
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
         if self.group_by_length:
             chunk = size * self.GROUP_WINDOWS
-            order = np.concatenate([
-                part[np.argsort(-self.lengths[part], kind="stable")] for part in np.split(order, range(chunk, len(order), chunk))
-            ])
+            chunks = np.split(order, range(chunk, len(order), chunk))
+            order = np.concatenate([part[np.argsort(-self.lengths[part], kind="stable")] for part in chunks])
         windows = [order[i:i + size] for i in range(0, len(order), size)]
         if self.group_by_length:
             full = [w for w in windows if len(w) == size]
@@ -94,7 +76,7 @@ class WindowBatchSampler:
 
 
 class WeightedRows(torch.utils.data.Dataset):
-    """Reads the rows a WindowBatchSampler names, attaching each row's loss weight."""
+    """The rows a WindowBatchSampler names, each with its loss weight."""
 
     def __init__(self, rows: datasets.Dataset):
         self.rows = rows.remove_columns(["length", "full_length"])
@@ -109,14 +91,9 @@ class WeightedRows(torch.utils.data.Dataset):
 
 
 class PackedRows(torch.utils.data.Dataset):
-    """The training rows as flat token arrays, read by a WindowBatchSampler: each micro-batch comes out as one packed
-    row (packing.py), gathered with numpy in a few vectorised operations, without a Python loop over reviews
-    or tokens or a tensor built from lists (what a GPU step at batch 32 otherwise waits for).
-
-    With `slots` (train.cuda_graphs: the most reviews a micro-batch holds) every row has a fixed layout, so that a
-    compiled step sees only a few shapes and no changing number: the tokens are padded to a multiple of
-    packing.BUCKET, the boundaries have `slots` review entries (unused ones empty) and then the padding cut into
-    sequences of at most `max_length` tokens, max_seqlen is `max_length`, and unused slots get loss weight 0."""
+    """Each micro-batch as one packed row, gathered by vectorised numpy (a loop over reviews kept GPU steps waiting).
+    With `slots` (train.cuda_graphs) rows have few shapes: tokens padded to a multiple of packing.BUCKET, `slots`
+    review boundaries (unused ones empty, weight 0), then padding sequences of at most `max_length` tokens."""
 
     def __init__(self, rows: datasets.Dataset, slots: int | None = None, max_length: int = 512):
         self.slots, self.max_length = slots, max_length
@@ -147,16 +124,13 @@ class PackedRows(torch.utils.data.Dataset):
         if self.slots:
             batch = self._bucketed(batch)
         batch["num_tokens"] = len(batch["input_ids"])
-        for name in ("input_ids", "position_ids", "token_type_ids"):
-            if name in batch:
-                batch[name] = torch.from_numpy(batch[name])[None]
+        for name in set(batch) & {"input_ids", "position_ids", "token_type_ids"}:
+            batch[name] = torch.from_numpy(batch[name])[None]
         for name in ("cu_seqlens", "labels", "loss_weight"):
             batch[name] = torch.from_numpy(batch[name])
         return batch
 
     def _bucketed(self, batch: dict) -> dict:
-        from imdb_grad_accum.packing import BUCKET
-
         n, real = len(batch["labels"]), int(batch["cu_seqlens"][-1])
         pad = -(-real // BUCKET) * BUCKET - real
         segments = -(-(BUCKET - 1) // self.max_length)  # enough sequences of <= max_length for any padding
@@ -182,17 +156,15 @@ class Loaders:
     test: DataLoader
 
     def epoch(self, epoch: int, done: int = 0):
-        """The epoch's training batches, after the first `done` (those a resumed run trained on already)."""
+        """The epoch's training batches after the first `done` (trained on before a resume)."""
         self.sampler.set_epoch(epoch)
         return skip_first_batches(self.train, done) if done else self.train
 
 
-# Each loader has its own generator: starting to iterate a DataLoader draws a seed from its generator, and from the
-# global one that dropout uses if it has none, which would make a resumed run's dropout masks differ.
+# Own generators: a DataLoader without one draws its seed from dropout's global RNG, so resumed dropout would differ.
 def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, layout: StepLayout, process_index: int = 0,
                  device: torch.device = torch.device("cpu"), packed: bool = False) -> Loaders:
-    """Training batches cut by `layout` for process `process_index`. `packed`: training batches are packed rows
-    (packing.py); evaluation always pads."""
+    """Training batches cut by `layout` for process `process_index`, packed rows when `packed`; evaluation pads."""
     parts = layout.loader_batches * layout.processes
     if parts > len(splits.train):  # windows would be mostly weight-0 filler micro-batches
         raise UserError(f"an optimizer step of {layout.loader_batches} micro-batch(es) x {layout.processes} "
@@ -206,8 +178,6 @@ def make_loaders(splits: Splits, tokenizer, cfg: DictConfig, layout: StepLayout,
 
 def make_train_loader(rows: datasets.Dataset, sampler: WindowBatchSampler, tokenizer, cfg: DictConfig,
                       device: torch.device = torch.device("cpu"), packed: bool = False) -> DataLoader:
-    """Padded micro-batches (dynamic padding), or packed rows when `packed`, which come out of PackedRows whole (in
-    fixed-shape buckets with train.cuda_graphs)."""
     slots = sampler.layout.loader_batch_size if cfg.train.cuda_graphs else None
     dataset, collate = ((PackedRows(rows, slots, cfg.data.max_length), already_collated) if packed else
                         (WeightedRows(rows), make_collator(tokenizer, cfg, device)))
@@ -221,8 +191,7 @@ def already_collated(batch: dict) -> dict:
 
 def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig,
                      device: torch.device = torch.device("cpu")) -> DataLoader:
-    """Longest reviews first, so each batch pads little and memory peaks at the start. Batches carry each review's
-    `index` and `full_length` for the prediction files."""
+    """Longest reviews first, so each batch pads little and memory peaks at the start."""
     by_length = rows.select(np.argsort(-np.asarray(rows["length"][:]), kind="stable")).remove_columns("length")
     return DataLoader(by_length, batch_size=cfg.train.batch_size * 2, shuffle=False,
                       collate_fn=make_collator(tokenizer, cfg, device), num_workers=cfg.data.num_workers,
@@ -230,8 +199,6 @@ def make_eval_loader(rows: datasets.Dataset, tokenizer, cfg: DictConfig,
 
 
 def make_collator(tokenizer, cfg: DictConfig, device: torch.device) -> DataCollatorWithPadding:
-    """Pads each batch to its own longest review (dynamic padding). On GPUs, to a multiple of 64 unless
-    data.pad_to_multiple_of says otherwise: cuDNN attention plans each new sequence length anew (measured on an
-    H100: 3x slower steps while lengths are new), and multiples of 64 leave few lengths to plan."""
+    """On GPUs pads to a multiple of 64 by default: cuDNN plans each new length anew (H100: 3x slower steps)."""
     multiple = cfg.data.pad_to_multiple_of or (64 if device.type == "cuda" else None)
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")

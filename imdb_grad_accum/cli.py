@@ -1,10 +1,5 @@
-"""The command-line boundary of every command: arguments, --help generated from the config schema, --print-config,
---device-check, and how a command ends (one line and an exit code for every way it can stop).
-
-Nothing here imports torch, so --help, --print-config and config errors answer in well under a second.
-"""
-
-from __future__ import annotations
+"""The command line of every command: arguments, --help from the schema, and one line and an exit code at the end.
+Imports no torch, so --help and config errors answer at once."""
 
 import argparse
 import ast
@@ -24,8 +19,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from imdb_grad_accum import schema
-from imdb_grad_accum.config import config_changes, flatten, load_config, to_plain_dict
-from imdb_grad_accum.schema import MAX_NAME, Config
+from imdb_grad_accum.config import load_config
+from imdb_grad_accum.schema import MAX_NAME, Config, flatten
 from imdb_grad_accum.errors import RunStopped, UserError
 from imdb_grad_accum.rundir import RunDir
 
@@ -35,33 +30,31 @@ class CliParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def command_parser(doc: str) -> CliParser:
-    """The parser of a command on runs (results, sweep, predict, export, evaluate): its docstring as --help."""
-    return CliParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_parser(doc: str, **options) -> CliParser:
+    return CliParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter, **options)
 
 
 def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
                    check: Callable[[DictConfig], Any]) -> tuple[argparse.Namespace, DictConfig]:
-    """The arguments (`mode`: start, resume, overwrite or continue) and the resolved config of a training script;
-    `check(cfg)` is what the script refuses before it loads anything. --help, --print-config and --device-check
-    answer here and exit 0; nothing has been written then."""
-    parser = CliParser(prog=Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else None,
-                       description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=config_help())
-    parser.add_argument("--config", type=Path, default=default_config, help=f"YAML config file (default: {default_config})")
+    """A training script's arguments (`mode`: start, resume, overwrite or continue) and config, checked by `check`."""
+    parser = command_parser(doc, prog=Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else None,
+                            epilog=config_help())
+    parser.add_argument("--config", type=Path, default=default_config,
+                        help=f"YAML config file (default: {default_config})")
     runs = parser.add_mutually_exclusive_group()
-    runs.add_argument("--resume", action="store_true",
+    runs.add_argument("--resume", dest="mode", action="store_const", const="resume",
                       help="continue the run output_dir/name from its newest resume point (same config)")
-    runs.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
-    runs.add_argument("--continue", dest="continue_run", action="store_true",
+    runs.add_argument("--overwrite", dest="mode", action="store_const", const="overwrite",
+                      help="replace an existing run directory of the same name")
+    runs.add_argument("--continue", dest="mode", action="store_const", const="continue",
                       help="resume the run from its newest resume point if it has one, start it (again) if it has "
                       "none, and do nothing if it has finished: what sweeps and WandB agents run")
-    parser.add_argument("--print-config", action="store_true",
-                        help="check the config as a run would, print it resolved (after base: files and overrides) "
-                        "and exit")
+    parser.add_argument("--print-config", action="store_true", help="check the config as a run would, print it "
+                        "resolved (after base: files and overrides) and exit")
     parser.add_argument("--device-check", action="store_true",
                         help="print the device and precision this run would use, and why, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-5")
+    parser.set_defaults(mode="start")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if os.environ.get("WANDB_SWEEP_ID") and not any(o.startswith("name=") for o in args.overrides):
@@ -80,23 +73,16 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
         report = device_report(cfg)
         print(report)
         raise SystemExit(2 if "this run would stop" in report else 0)
-    args.mode = ("resume" if args.resume else "overwrite" if args.overwrite else "continue" if args.continue_run
-                 else "start")
-    if args.continue_run and RunDir.of(cfg).is_finished():  # answered before torch loads: sweeps skip runs fast
-        run = RunDir.of(cfg)
-        changed = config_changes(run.saved_config(), to_plain_dict(cfg))
-        if changed:
-            raise UserError(f"--continue: {run.path} has finished with another config (it differs in "
-                            f"{', '.join(changed)}); give this config another name= or output_dir=")
+    run = RunDir.of(cfg)
+    if args.mode == "continue" and run.is_finished():  # answered before torch loads: sweeps skip runs fast
+        run.refuse_other_config(cfg)
         print(f"{run.path} has finished (metrics.json exists); nothing to do")
         raise SystemExit(0)
     return args, cfg
 
 
 def run_name(base: str, overrides: List[str]) -> str:
-    """A readable, stable name for a run of `base` with these overrides (a sweep's grid point and seed, a WandB
-    agent's parameters): `<base>_<key><value>...`, each key by its last part, a section's mapping by its keys, the
-    seed last, e.g. quickstart_lr3e-5_epochs2_seed1."""
+    """A readable, stable name for a run of `base` with these overrides, e.g. quickstart_lr3e-5_epochs2_seed1."""
     parts, seed = [], None
     for item in overrides:
         key, value = item.split("=", 1)
@@ -116,15 +102,13 @@ def run_name(base: str, overrides: List[str]) -> str:
 
 
 def _name_safe(value: str) -> str:
-    """The value as it can stand in a folder name; one that had to change gets a short hash of itself, so that two
-    values never make one name (/a/b and /a-b)."""
+    """The value as it can stand in a folder name, with a short hash when it had to change (/a/b and /a-b differ)."""
     safe = re.sub(r"[^\w.+-]", "-", value.replace(" ", "")).strip("-")
     return safe if safe == value else f"{safe}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
 
 
 def sweep_parameters() -> set[str] | None:
-    """The names of the parameters a WandB sweep agent chose for this run (the file it names in
-    WANDB_SWEEP_PARAM_PATH), or None when it cannot be read."""
+    """The parameters a WandB sweep agent chose for this run (WANDB_SWEEP_PARAM_PATH), or None if unreadable."""
     try:
         params = yaml.safe_load(Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).read_text())
     except (KeyError, OSError, yaml.YAMLError):
@@ -133,13 +117,12 @@ def sweep_parameters() -> set[str] | None:
 
 
 def config_keys() -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, meaning) of every config key, read from the schema itself: the dataclasses in
-    config.py and the comment on each field's line, so --help cannot drift from it."""
+    """(key, type, default, meaning) of every config key, from schema.py and the comment on each field's line."""
     source = Path(schema.__file__).read_text()
     comments = {token.start[0]: token.string.lstrip("#").strip()
                 for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
     classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
-    defaults = OmegaConf.structured(Config)
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
     keys = []
 
     def walk(class_name: str, prefix: str) -> None:
@@ -150,18 +133,13 @@ def config_keys() -> list[tuple[str, str, str, str]]:
             if kind in classes:
                 walk(kind, key + ".")
                 continue
-            kind = kind.replace("Optional[", "").replace("List[", "list of ").rstrip("]")
-            nullable = "Optional[" in ast.unparse(node.annotation)
-            keys.append((key, kind + (" or null" if nullable else ""),
-                         _show(OmegaConf.select(defaults, key)), comments.get(node.lineno, "")))
+            shown = kind.replace("Optional[", "").replace("List[", "list of ").rstrip("]")
+            shown += " or null" if "Optional[" in kind else ""
+            default = "null" if defaults[key] is None else str(defaults[key])
+            keys.append((key, shown, default, comments.get(node.lineno, "")))
 
     walk("Config", "")
     return keys
-
-
-def _show(value: Any) -> str:
-    value = OmegaConf.to_container(value) if isinstance(value, DictConfig) or OmegaConf.is_list(value) else value
-    return "null" if value is None else str(value)
 
 
 def config_help() -> str:
@@ -172,13 +150,8 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------- how a command ends
-
 class Preemption:
-    """SIGTERM, which pre-emptible clouds send shortly before a kill, only sets `requested`: the training loop acts
-    on it at the next optimizer step that logs, validates or saves (every step with train.log_every=1), saves a
-    resume point there and stops with exit code 143 (errors.Preempted). Installed by `run_cli`, so in-process callers
-    (tests, notebooks) keep their own handlers."""
+    """SIGTERM only sets `requested`; the loop then saves a resume point and stops (exit 143). Set by `run_cli`."""
 
     requested = False
 
@@ -188,8 +161,7 @@ class Preemption:
 
 
 def run_cli(main: Callable[[list[str]], Any]) -> None:
-    """Call `main(sys.argv[1:])` and end every way it can stop with one line: bad input with exit code 2, a stopped
-    run with its own code (1: diverged, out of space, a lost peer process; 143: SIGTERM), Ctrl-C with 130."""
+    """Call `main(sys.argv[1:])`; bad input ends in one line and exit code 2, a stopped run in its own, Ctrl-C 130."""
     Preemption.install()
     try:
         main(sys.argv[1:])
@@ -206,7 +178,6 @@ def run_cli(main: Callable[[list[str]], Any]) -> None:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies (a killed sweep or `accelerate launch`), so no
-    orphan keeps a GPU busy; elsewhere a no-op. Python has no binding for prctl(2), whose ABI is stable."""
+    """SIGTERM when the parent dies (a killed sweep or launcher), so no orphan keeps a GPU busy; Linux only."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

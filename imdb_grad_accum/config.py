@@ -1,11 +1,4 @@
-"""Experiment configuration: the schema (schema.py), YAML files on top of it, `dotted.key=value` overrides on top of
-those; and what a config decides: how an optimizer step is made and at what learning rate.
-
-Every mistake a user can make in a config (unknown key, wrong type, value out of range, missing file) becomes a
-`UserError` with a one-line message that names the key and the fix.
-"""
-
-from __future__ import annotations
+"""Experiment configuration (schema <- YAML <- `key=value` overrides, mistakes one line), and the optimizer step."""
 
 import difflib
 import math
@@ -18,12 +11,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from imdb_grad_accum.errors import UserError
-from imdb_grad_accum.schema import UNTRAINED_KEYS, Config, TrainConfig, validate
+from imdb_grad_accum.errors import UserError, first_line
+from imdb_grad_accum.schema import UNTRAINED_KEYS, Config, TrainConfig, flatten, validate
 
 PROJECT_NAME = "imdb-grad-accum"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when the package is used from one
 CONFIG_DIR = PROJECT_ROOT / "configs"
+DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
@@ -43,31 +37,26 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
                 raise UserError(f"{source}: {err.full_key} is empty; give it a value") from None
             raise UserError(f"{source}: {_type_problem(err)}") from None
         except (OmegaConfBaseException, TypeError) as err:  # TypeError: a list where the schema has a section
-            raise UserError(f"{source}: {_first_line(err)}") from None
+            raise UserError(f"{source}: {first_line(err)}") from None
     try:  # ${...} interpolations become values now, so a bad one is named here rather than failing mid-run
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
-        raise UserError(f"{err.full_key or 'config'}: cannot resolve it ({_first_line(err)})") from None
+        raise UserError(f"{err.full_key or 'config'}: cannot resolve it ({first_line(err)})") from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
 def _type_problem(err: ValidationError) -> str:
-    """OmegaConf's message for a value of the wrong type, as one line in the schema's words."""
     key = err.full_key or "a key"
     node = OmegaConf.select(OmegaConf.structured(Config), key.split("[")[0], default=None)
     if OmegaConf.is_list(node):
         return f"{key} takes a list, e.g. {key}={OmegaConf.to_container(node)}"
-    return f"{key}: {_first_line(err)}"
-
-
-DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+    return f"{key}: {first_line(err)}"
 
 
 def _check_override(item: str, cfg: DictConfig) -> None:
-    """An override is `dotted.key=value`, its value one line of YAML: anything else is named here, before OmegaConf
-    (which would take `train..lr` for a key named '' and raise YAML's own errors)."""
+    """`dotted.key=value`, its value one line of YAML: checked before OmegaConf, which takes `train..lr` for ''."""
     if "=" not in item:
         raise UserError(f"override {item!r} must look like dotted.key=value, e.g. train.lr=3e-5")
     key, value = item.split("=", 1)
@@ -86,32 +75,32 @@ def _check_override(item: str, cfg: DictConfig) -> None:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML would keep the last silently."""
+    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
-        first_line = {}
+        seen_at = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden, as in safe_load
                 continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
-                seen = key in first_line
+                seen = key in seen_at
             except TypeError:  # a list or mapping as a key
                 raise yaml.constructor.ConstructorError(None, None, f"a key at line {line} is not a name",
                                                         key_node.start_mark) from None
             if seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice, at lines {first_line[key]} and {line}; keep one",
+                    None, None, f"key '{key}' appears twice, at lines {seen_at[key]} and {line}; keep one",
                     key_node.start_mark)
-            first_line[key] = line
+            seen_at[key] = line
         return super().construct_mapping(node, deep)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{getattr(err, 'problem', None) or _first_line(err)}{where}"
+    return f"{getattr(err, 'problem', None) or first_line(err)}{where}"
 
 
 def _read_yaml(path: Path, named_by: Optional[Path] = None, seen: tuple = ()) -> dict:
@@ -148,7 +137,7 @@ def _read_yaml(path: Path, named_by: Optional[Path] = None, seen: tuple = ()) ->
     try:
         merged = OmegaConf.merge(_read_yaml(base_path, path, seen + (path.resolve(),)), values)
     except OmegaConfBaseException as err:
-        raise UserError(f"config file {path}: {_first_line(err)}") from None
+        raise UserError(f"config file {path}: {first_line(err)}") from None
     return OmegaConf.to_container(merged)
 
 
@@ -158,37 +147,16 @@ def _unknown_key_message(err: ConfigKeyError, source: str) -> str:
     schema = OmegaConf.structured(Config)
     node = OmegaConf.select(schema, parent) if parent else schema
     known = list(node.keys()) if isinstance(node, DictConfig) else []
-    close = difflib.get_close_matches(leaf, known, n=1)
+    close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(leaf, known, n=1)]
     if not close and not parent:  # a key of a section given at the top, e.g. `lr:` for train.lr
         close = [f"{section}.{leaf}" for section in known
                  if isinstance(schema[section], DictConfig) and leaf in schema[section]][:1]
-        return f"{source}: unknown config key '{key}'; " + (f"did you mean '{close[0]}'?" if close else
-                                                             f"known keys here: {', '.join(known)}")
-    hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else (
-        f"known keys here: {', '.join(known)}")
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
     return f"{source}: unknown config key '{key}'; {hint}"
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]
 
 
 def to_plain_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def flatten(values: dict, prefix: str = "", lists: bool = False) -> dict[str, Any]:
-    """{dotted.key: value} of a nested mapping; with `lists`, list items too, as key[i]. The project's one
-    flattener: config checks, resume identities, run comparisons and results rows all read configs through it."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}.", lists))
-        elif lists and isinstance(value, list):
-            flat.update({f"{prefix}{key}[{i}]": item for i, item in enumerate(value)})
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def trained_config(values: dict) -> dict[str, Any]:
@@ -198,25 +166,22 @@ def trained_config(values: dict) -> dict[str, Any]:
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """The trained keys in which two configs differ."""
     a, b = trained_config(saved), trained_config(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 @dataclass(frozen=True)
 class StepLayout:
-    """How one optimizer step is made: decided once from the config and the number of processes, and used by the
-    sampler, the loops, the resume points and every record of the run."""
+    """How one optimizer step is made, from the config and the number of processes."""
 
     effective_batch: int  # reviews per optimizer step, all processes together
     processes: int
     grad_accum_steps: int  # micro-batches per step on each process, as configured (or from train.effective_batch_size)
-    micro_batch_tokens: Optional[str]  # None: forward passes of train.batch_size reviews; a number or auto: cut by tokens
+    micro_batch_tokens: Optional[str]  # None: passes of train.batch_size reviews; a number or auto: cut by tokens
 
     @property
     def loader_batches(self) -> int:
-        """Batches the loader gives each process per optimizer step: one per micro-batch, or with micro_batch_tokens
-        one (the process's whole share of the step, which the stepper cuts into forward passes by tokens)."""
+        """Loader batches per process and step: one per micro-batch, or one whole share to be cut by tokens."""
         return self.grad_accum_steps if self.micro_batch_tokens is None else 1
 
     @property
@@ -225,7 +190,6 @@ class StepLayout:
 
 
 def step_layout(train: TrainConfig, processes: int = 1) -> StepLayout:
-    """The optimizer step of `train` on `processes` processes; a batch size that does not divide is named here."""
     accum = train.grad_accum_steps
     if train.effective_batch_size is not None:
         if train.grad_accum_steps != 1:

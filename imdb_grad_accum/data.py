@@ -1,10 +1,4 @@
-"""IMDB data: load any labelled layout, de-duplicate, split once with a seed, tokenise with a cache.
-
-The split is leak-free by construction: train and test of the source are combined, duplicate texts are dropped, and
-one seeded stratified split assigns every remaining review to exactly one of train/validation/test.
-"""
-
-from __future__ import annotations
+"""IMDB data: load any labelled layout, de-duplicate, split once with a seed (leak-free), tokenise with a cache."""
 
 import hashlib
 import re
@@ -18,8 +12,8 @@ import pyarrow
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from imdb_grad_accum.errors import UserError
-from imdb_grad_accum.imdb_sentiment import keep_ends
+from imdb_grad_accum.errors import UserError, first_line
+from imdb_grad_accum.imdb_sentiment import head_tokens, keep_ends
 
 SOURCE_SPLITS = ("train", "test")  # combined in this order; the hub's `unsupervised` split has no labels
 DATA_FILES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -29,12 +23,8 @@ LONG_REVIEW = 50_000  # characters: a longer review is tokenised in pieces of ab
 WORD_END = re.compile(r"(?<=\S)\s")
 
 
-# ----------------------------------------------------------------------------------------------- loading
-
 def load_splits(path: str, what: str = "data.path") -> dict[str, datasets.Dataset]:
-    """The labelled splits of a source, each a Dataset(text, label) with labels 0/1: `path` is a hub dataset id
-    (stanfordnlp/imdb), a data file (parquet, csv, jsonl), or a local folder holding the hub's parquet layout, an
-    `aclImdb` folder from the official tarball, or csv/jsonl/parquet files with `text` and `label` columns."""
+    """The labelled splits, each a Dataset(text, label 0/1), of a hub id, a data file, or a folder of them."""
     local = Path(path).expanduser()
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not local.exists():
@@ -47,18 +37,21 @@ def load_splits(path: str, what: str = "data.path") -> dict[str, datasets.Datase
     if local.is_file() and local.suffix.lower() not in DATA_FILES:
         raise UserError(f"{what}={path} is not a data file; use parquet, csv or jsonl with text and label columns, "
                         "or a folder of them")
+    text_file = local.is_file() and DATA_FILES[local.suffix.lower()] != "parquet"
+    if text_file and len(local.read_bytes().strip().splitlines()) <= (DATA_FILES[local.suffix.lower()] == "csv"):
+        raise UserError(f"{what}={path} holds no reviews")  # a header alone, or nothing: datasets' error says less
     quiet = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log lines would precede our one line
     try:
         loaded = (datasets.load_dataset(DATA_FILES[local.suffix.lower()], data_files={"test": str(local)})
                   if local.is_file() else datasets.load_dataset(str(local) if looks_local else path))
     except (OSError, ValueError, datasets.exceptions.DatasetsError, pyarrow.ArrowException) as err:
-        # what datasets raises for a missing hub dataset (ConnectionError, DatasetNotFoundError) or unreadable files
         if looks_local:
             _name_non_utf8_file(local)
             cause = err.__cause__ or err  # DatasetGenerationError wraps the reader's own error
-            raise UserError(f"{what}={path}: cannot read data files there ({type(cause).__name__}: "
-                            f"{_first_line(cause)}); expected parquet/csv/jsonl files with text and label") from None
+            detail = f"{type(cause).__name__}: {first_line(cause, 200)}"
+            raise UserError(f"{what}={path}: cannot read data files there ({detail}); expected parquet/csv/jsonl "
+                            "files with text and label") from None
         raise UserError(f"{what}={path}: cannot load it from the HF hub and no cached copy exists "
                         f"({type(err).__name__}); check the id and your connection, or give a local folder, e.g. "
                         f"{what}=/path/to/imdb") from None
@@ -79,12 +72,12 @@ def load_splits(path: str, what: str = "data.path") -> dict[str, datasets.Datase
 
 
 def load_reviews(path: str) -> datasets.Dataset:
-    """All labelled reviews of a source as one Dataset(text, label): source train rows, then source test rows."""
+    """All labelled reviews of a source as one Dataset(text, label): its train rows, then its test rows."""
     return datasets.concatenate_datasets(list(load_splits(path).values()))
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:200]
+def _not_utf8(file: Path, err: UnicodeDecodeError) -> UserError:
+    return UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 or remove it")
 
 
 def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
@@ -96,17 +89,13 @@ def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
             try:
                 texts.append(file.read_text(encoding="utf-8"))
             except UnicodeDecodeError as err:
-                raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 "
-                                "or remove it") from None
+                raise _not_utf8(file, err) from None
             labels.append(label)
-    return datasets.Dataset.from_dict({"text": texts, "label": labels},
-                                      features=datasets.Features(text=datasets.Value("string"),
-                                                                 label=datasets.Value("int64")))
+    features = datasets.Features(text=datasets.Value("string"), label=datasets.Value("int64"))
+    return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
 def _labels_as_0_1(part: datasets.Dataset, path: str, what: str, split: str) -> datasets.Dataset:
-    """Labels as int64 0/1. Integers 0/1 stay; the names neg/pos and negative/positive, as strings or as the names of
-    a ClassLabel (the hub's IMDB), become 0/1; anything else is named in one line."""
     values, feature = part["label"][:], part.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         values = [feature.int2str(int(v)) for v in values]
@@ -128,8 +117,7 @@ def _name_non_utf8_file(folder: Path) -> None:
             try:
                 file.read_bytes().decode("utf-8")
             except UnicodeDecodeError as err:
-                raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 "
-                                "or remove it") from None
+                raise _not_utf8(file, err) from None
 
 
 def _check(reviews: datasets.Dataset, path: str, what: str, split: str) -> datasets.Dataset:
@@ -142,11 +130,8 @@ def _check(reviews: datasets.Dataset, path: str, what: str, split: str) -> datas
     return reviews
 
 
-# ----------------------------------------------------------------------------------------------- splitting
-
 def text_sha256(texts, labels=None) -> str:
-    """A fingerprint of reviews (texts, with their labels when given), in order: what proves two runs saw the same
-    reviews."""
+    """A fingerprint of reviews in order (with their labels when given): proves two runs saw the same reviews."""
     digest = hashlib.sha256()
     for i, text in enumerate(texts):
         digest.update(f"{int(labels[i]) if labels is not None else ''}\0{text}\0".encode())
@@ -154,8 +139,7 @@ def text_sha256(texts, labels=None) -> str:
 
 
 def unique_rows(texts: list[str], labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """The first row of each distinct text (how every split and evaluation de-duplicates), and how many distinct
-    texts appear with both labels (their first row's label is kept)."""
+    """The first row of each distinct text, and how many distinct texts appear with both labels (the first kept)."""
     first_seen: dict[str, int] = {}
     conflicts = set()
     for i, text in enumerate(texts):
@@ -166,9 +150,6 @@ def unique_rows(texts: list[str], labels: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def split_indices(texts: list[str], labels: np.ndarray, weights, seed: int) -> dict:
-    """One seeded, stratified train/validation/test split of the unique texts: {"train", "validation", "test":
-    sorted row indices, "duplicates_dropped", "label_conflicts"}. Only the first row of each text is kept, so no
-    review can land in two splits."""
     unique, conflicts = unique_rows(texts, labels)
     rng = np.random.default_rng(seed)
     fractions = np.asarray(weights, dtype=float) / sum(weights)
@@ -206,12 +187,10 @@ class Splits:
     reviews: datasets.Dataset  # the combined reviews (text, label) the indices point into
 
     def texts(self, indices) -> list[str]:
-        """The reviews at `indices` (rows of the combined reviews), for prediction files."""
         return self.reviews.select([int(i) for i in indices])["text"][:]
 
 
 def draw_split(cfg: DictConfig, reviews: datasets.Dataset) -> dict:
-    """The run's split record (split.json): indices drawn by data.split_seed, subsets, and what proves the data."""
     seed = cfg.data.split_seed
     labels, texts = np.asarray(reviews["label"][:]), reviews["text"][:]
     record = split_indices(texts, labels, cfg.data.split, seed)
@@ -220,9 +199,8 @@ def draw_split(cfg: DictConfig, reviews: datasets.Dataset) -> dict:
             raise UserError(f"data.split={list(cfg.data.split)} leaves no {name} reviews out of {len(reviews)}; "
                             "use more data or larger weights")
     record["full_sizes"] = {name: len(record[name]) for name in ("train", "validation", "test")}
-    limits = {"train": cfg.data.max_train_samples, "validation": cfg.data.max_val_samples,
-              "test": cfg.data.max_test_samples}
-    for name, limit in limits.items():
+    limits = (cfg.data.max_train_samples, cfg.data.max_val_samples, cfg.data.max_test_samples)
+    for name, limit in zip(("train", "validation", "test"), limits):
         record[name] = stratified_subset(record[name], labels, limit, seed)
     if len(set(labels[record["train"]])) < 2:
         raise UserError(f"data.path={cfg.data.path}: the training reviews are all of one class; a classifier needs "
@@ -234,7 +212,6 @@ def draw_split(cfg: DictConfig, reviews: datasets.Dataset) -> dict:
 
 
 def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: list[str]) -> Splits:
-    """The run's split of the reviews (drawn by data.split_seed), tokenised into `columns` (the model's inputs)."""
     reviews = load_reviews(cfg.data.path)
     record = draw_split(cfg, reviews)
     tokenized = {}
@@ -247,12 +224,9 @@ def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: l
     return Splits(**tokenized, record=record, reviews=reviews)
 
 
-# ----------------------------------------------------------------------------------------------- tokenising
-
 def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
              truncation: str = "head") -> datasets.Dataset:
-    """Batched fast tokenisation through `datasets.map`, cached on disk by content, tokenizer, max_length and
-    truncation, so the second start of the same config does not tokenise again."""
+    """Batched tokenisation through `datasets.map`, cached on disk by content, tokenizer and settings."""
     key = hashlib.sha256()
     backend = tokenizer.backend_tokenizer
     backend.no_truncation(), backend.no_padding()  # call state, which every tokenising call sets again
@@ -269,8 +243,7 @@ def tokenize(reviews: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_
 
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, columns: list[str],
            truncation: str = "head") -> dict:
-    """Model inputs of reviews as training sees them (`columns`, cut to max_length the `truncation` way), plus their
-    `length` in tokens and the `full_length` they would have uncut."""
+    """Model inputs (`columns`, cut the `truncation` way), their `length` and the `full_length` they have uncut."""
     special = tokenizer.num_special_tokens_to_add()
     budget = max_length - special
     full = [None] * len(texts)
@@ -289,10 +262,8 @@ def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
 
 
 def _in_pieces(text: str, tokenizer: PreTrainedTokenizerBase, budget: int, truncation: str) -> tuple[str, int]:
-    """A very long review tokenised in pieces of about LONG_REVIEW characters, cut where whitespace starts, which
-    the encoders' tokenizers never join across: its length in tokens, and the shortest head and tail of it that hold
-    more tokens than are kept from either end, which therefore tokenise as in the whole review (tokenising all of a
-    49 MB review at once took 97 s and 7.7 GB)."""
+    """A very long review's length in tokens and its shortest head and tail that tokenise as in the whole, counted in
+    pieces cut where whitespace starts (all of a 49 MB review at once took 97 s and 7.7 GB)."""
     starts = [0]
     for position in range(LONG_REVIEW, len(text), LONG_REVIEW):
         space = WORD_END.search(text, position)  # the first whitespace after a word: never inside a run of it
@@ -301,7 +272,7 @@ def _in_pieces(text: str, tokenizer: PreTrainedTokenizerBase, budget: int, trunc
     pieces = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
     counts = [len(ids) for batch in range(0, len(pieces), 16)  # a few pieces at a time: bounded memory
               for ids in tokenizer(pieces[batch:batch + 16], add_special_tokens=False, verbose=False)["input_ids"]]
-    head = {"head": budget, "tail": 0, "head_tail": budget // 4}[truncation]
+    head = {"head": budget, "tail": 0, "head_tail": head_tokens(budget)}[truncation]
     tail = budget - head if truncation != "head" else 0
     first = next((i for i, n in enumerate(np.cumsum(counts)) if n > head), len(pieces) - 1) if head else -1
     last = next((i for i, n in enumerate(np.cumsum(counts[::-1])) if n > tail), len(pieces) - 1) if tail else -1

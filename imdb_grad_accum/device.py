@@ -1,7 +1,4 @@
-"""Which device and precision a run trains in, and why: never the CPU silently when an NVIDIA GPU is there but this
-torch cannot use it (that is one line with the install command that fixes it); autocast; what --device-check says."""
-
-from __future__ import annotations
+"""Which device and precision a run trains in, and why; never the CPU silently when an NVIDIA GPU is unusable."""
 
 import contextlib
 import os
@@ -16,8 +13,7 @@ from imdb_grad_accum.errors import UserError
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: a CUDA GPU, else Apple's MPS, else the CPU, but never the CPU when an NVIDIA GPU is there that this torch
-    cannot use (a CPU-only build, or one built for a newer CUDA than the driver's)."""
+    """auto: a CUDA GPU, else Apple's MPS, else the CPU unless an NVIDIA GPU is there that this torch cannot use."""
     driver = None if name in ("cpu", "mps") or torch.cuda.is_available() else nvidia_driver()
     if name == "auto":
         if torch.cuda.is_available():
@@ -36,7 +32,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def nvidia_driver() -> dict | None:
-    """The NVIDIA driver of this machine: its version and the newest CUDA it supports (from nvidia-smi), or None."""
+    """This machine's NVIDIA driver version and the newest CUDA it supports, or None."""
     text = ""
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -51,7 +47,6 @@ def nvidia_driver() -> dict | None:
 
 
 def unusable_gpu(driver: dict) -> str:
-    """Why this torch cannot use the NVIDIA GPU that is there, and the install command that fixes it."""
     build, supports = torch.version.cuda, driver["cuda"]
     what = (f"an NVIDIA GPU is here (driver {driver['driver']}" + (f", CUDA up to {supports}" if supports else "")
             + f") but torch {torch.__version__} cannot use it: ")
@@ -80,17 +75,26 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
+def visible_devices(devices: str) -> list[str]:
+    """A sweep's --devices as its runs must be told them, through a CUDA_VISIBLE_DEVICES this process was given."""
+    names = [d.strip() for d in devices.split(",")]
+    if not all(name.isdigit() for name in names):
+        raise UserError(f"--devices {devices}: give CUDA device numbers separated by commas, e.g. --devices 0,1")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [name for name in names if int(name) >= count]
+    if missing:
+        raise UserError(f"--devices {devices}: there is no CUDA device {', '.join(missing)} here ({count} visible)")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [visible.split(",")[int(name)].strip() for name in names] if visible else names
+
+
 def launcher_precision() -> str | None:
-    """The mixed precision `accelerate launch --mixed_precision` or `accelerate config` chose for this process. The
-    launcher sets "no" also when nobody chose anything, so only fp16 and bf16 count as a choice; to train in fp32
-    under train.precision=auto on hardware with bf16, set train.precision=fp32."""
+    """fp16 or bf16 when `accelerate launch` or `accelerate config` chose it (its "no" is also the default)."""
     return {"fp16": "fp16", "bf16": "bf16"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""))
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """'fp32' | 'bf16' | 'fp16'. auto: the launcher's choice (launcher_precision), else bf16 on GPUs that support it,
-    fp16 on older GPUs, bf16 on CPUs with native bf16 matmuls (AMX or AVX512-BF16: several times the fp32 matmul
-    rate, same quickstart accuracy), else fp32."""
+    """auto: the launcher's choice, else bf16 where the GPU or CPU has it natively, fp16 on older GPUs, else fp32."""
     launcher = launcher_precision() if name == "auto" else None
     if launcher == "fp16" and device.type == "cpu":
         raise UserError("the launcher's mixed precision fp16 needs a GPU; on CPU launch with --mixed_precision bf16 or "
@@ -118,15 +122,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def device_report(cfg) -> str:
-    """What --device-check prints: what this machine offers, and what a run of `cfg` would use and why."""
-    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
-        if torch.cuda.is_available() else ""
+    cuda = torch.cuda.is_available()
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ""
     driver = nvidia_driver()
-    lines = [f"torch {torch.__version__}: " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
-                                                else "a CPU-only build"),
-             f"CUDA usable: {torch.cuda.is_available()}" + (f" ({torch.cuda.device_count()} GPU(s): {gpus})" if gpus else ""),
-             (f"NVIDIA driver: {driver['driver']}" + (f", supports CUDA up to {driver['cuda']}" if driver["cuda"] else "")
-              if driver else "NVIDIA driver: none found (no nvidia-smi, no /proc/driver/nvidia)"),
+    supports = f", supports CUDA up to {driver['cuda']}" if driver and driver["cuda"] else ""
+    lines = [f"torch {torch.__version__}: "
+             + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"),
+             f"CUDA usable: {cuda}" + (f" ({torch.cuda.device_count()} GPU(s): {gpus})" if gpus else ""),
+             f"NVIDIA driver: {driver['driver']}{supports}" if driver
+             else "NVIDIA driver: none found (no nvidia-smi, no /proc/driver/nvidia)",
              f"Apple MPS usable: {torch.backends.mps.is_available()}",
              f"CPU: {torch.get_num_threads()} threads, native bf16 matmuls: {cpu_has_fast_bf16()}"]
     if launcher_precision():

@@ -1,11 +1,12 @@
-"""How a command can end other than by finishing: the user's input was wrong (`UserError`, exit code 2), or a run
-stopped before its end (`RunStopped` and its kinds, each with its own exit code). `cli.run_cli` turns each into one
-line at one place; no other code prints them."""
-
-from __future__ import annotations
+"""How a command ends other than by finishing: `UserError` (exit code 2) or `RunStopped` and its kinds."""
 
 import errno
 from pathlib import Path
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's message as it fits in one line of ours ('' when it has none)."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]
 
 
 class UserError(Exception):
@@ -13,7 +14,7 @@ class UserError(Exception):
 
 
 class RunStopped(Exception):
-    """The run stopped before its end; every file saved before stays usable. One line and `exit_code`."""
+    """The run stopped before its end; every file saved before stays usable."""
 
     exit_code = 1
 
@@ -26,7 +27,7 @@ class Diverged(RunStopped):
 
 
 class Preempted(RunStopped):
-    """SIGTERM, as pre-emptible clouds send shortly before a kill: the run saved a resume point and stopped."""
+    """SIGTERM, as pre-emptible clouds send before a kill: the run saved a resume point and stopped."""
 
     exit_code = 143
 
@@ -40,8 +41,7 @@ class LostPeer(RunStopped):
 
 
 class WriteFailed(RunStopped):
-    """A write failed: the disk is full (or a file-size limit was reached), the filesystem is read-only, or the file
-    may not be written. `then` says what to do next; what was saved before stays usable."""
+    """A write failed (disk full, read-only, not allowed); `then` says what to do next."""
 
     SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -52,9 +52,6 @@ class WriteFailed(RunStopped):
 
 
 class WriterReplaced(RunStopped):
-    """The run directory's lock was removed or replaced while this process wrote the run: another process may now
-    write it too, so this one stops before writing anything more."""
-
     def __init__(self, path: Path):
         super().__init__(f"{path} was removed or replaced while this process wrote the run, so another process may "
                          "now write it too; stopping here. Nothing saved before is lost: once no other process runs "

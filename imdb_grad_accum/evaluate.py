@@ -18,13 +18,10 @@ sentences and an error analysis, and for each run <run name>/metrics.json (n, ac
 counts excluded as seen and as duplicates) and <run name>/predictions.csv in the runs' predictions format.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +34,6 @@ from imdb_grad_accum.rundir import MARKER, RunDir, check_finished, parse_predict
 
 OWN_FILES = {"README.md", "confusion.png", "accuracy_by_length.png", "calibration.png"}
 RUN_FILES = {"metrics.json", "predictions.csv", "seen_predictions.csv"}
-
-
-@dataclass
-class Evaluation:
-    """One run on the evaluated reviews: what results' comparisons and error analysis read."""
-
-    path: Path
-    config: dict
-    predictions: dict
-    metrics: dict
 
 
 def load_reviews_to_evaluate(data: str, split: str) -> tuple[list[str], np.ndarray, dict]:
@@ -85,35 +72,31 @@ def run_names(runs: list[Path]) -> list[str]:
     return [f"{run.parent.name}_{run.name}" if names.count(run.name) > 1 else run.name for run in runs]
 
 
-def evaluate_run(run: Path, texts: list[str], labels: np.ndarray, rows: np.ndarray, batch_size: int) -> dict:
-    """Per-review predictions of a run on the reviews at `rows` (indices into the evaluated data)."""
+def evaluate_run(run: Path, texts: list[str], labels: np.ndarray, rows: np.ndarray, batch_size: int):
+    """The metrics and predictions.csv of a run on the reviews at `rows` (indices into the evaluated data)."""
     import torch
     import torch.nn.functional as F
 
     from imdb_grad_accum.predict import classify
-
-    logits, full_lengths, cfg = classify(run, [texts[i] for i in rows], batch_size)
-    target = torch.as_tensor(labels[rows])
-    return {"index": rows, "label": labels[rows], "predicted": logits.argmax(-1).numpy(),
-            "prob_positive": logits.softmax(-1)[:, 1].numpy(),
-            "loss": F.cross_entropy(logits, target, reduction="none").numpy(), "tokens": full_lengths,
-            "max_length": cfg.data.max_length}
-
-
-def metrics_of(rows: dict) -> dict:
     from imdb_grad_accum.training import classification_metrics
 
-    metrics = classification_metrics(rows)
-    correct = (rows["label"] == rows["predicted"]).astype(float)
-    return {"n": metrics["n"], "accuracy": metrics["accuracy"], "f1": metrics["f1"], "loss": metrics["loss"],
-            "accuracy_interval": list(stats.bootstrap_interval(correct))}
+    shown = [texts[i] for i in rows]
+    logits, full_lengths, cfg = classify(run, shown, batch_size)
+    predictions = {"index": rows, "label": labels[rows], "predicted": logits.argmax(-1).numpy(),
+                   "prob_positive": logits.softmax(-1)[:, 1].numpy(), "tokens": full_lengths,
+                   "loss": F.cross_entropy(logits, torch.as_tensor(labels[rows]), reduction="none").numpy()}
+    metrics = classification_metrics(predictions)
+    correct = (predictions["label"] == predictions["predicted"]).astype(float)
+    return ({"n": metrics["n"], "accuracy": metrics["accuracy"], "f1": metrics["f1"], "loss": metrics["loss"],
+             "accuracy_interval": list(stats.bootstrap_interval(correct))},
+            predictions_csv(predictions, shown, cfg.data.max_length))
 
 
-def table(evaluations: dict, names: list[str]) -> list[str]:
+def table(evaluations: dict) -> list[str]:
     lines = ["| run | reviews | accuracy | 95% interval (bootstrap over reviews) | F1 | loss | left out as seen |",
              "|---|---|---|---|---|---|---|"]
-    for name in names:
-        for what, m in (("", evaluations[name]), (" (seen in training)", evaluations[name].get("seen"))):
+    for name, metrics in evaluations.items():
+        for what, m in (("", metrics), (" (seen in training)", metrics.get("seen"))):
             if m:
                 low, high = m["accuracy_interval"]
                 lines.append(f"| {name}{what} | {m['n']} | {m['accuracy']:.4f} | {low:.4f} – {high:.4f} | "
@@ -124,7 +107,8 @@ def table(evaluations: dict, names: list[str]) -> list[str]:
 def main(argv=None) -> Path:
     from imdb_grad_accum.data import text_sha256
     from imdb_grad_accum.report import error_analysis
-    from imdb_grad_accum.results import Row, compare, comparison_section
+    from imdb_grad_accum.comparisons import Row, compare, comparison_section
+    from imdb_grad_accum.results import FinishedRun
 
     p = command_parser(__doc__)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="finished run directories")
@@ -136,7 +120,7 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     for run in args.runs:
         check_finished(RunDir(run), "evaluate")
-        RunDir(run).metrics()  # a run without its recorded best checksum is refused here
+        RunDir(run).verified_best()  # and its recorded checksum: a run without it is refused here
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive integer")
     data_name = re.sub(r"[^\w.-]+", "-", Path(args.data.rstrip("/")).name) or "data"
@@ -144,8 +128,8 @@ def main(argv=None) -> Path:
     inside = next((p for p in (out, *out.resolve().parents) if (p / MARKER).is_file()), None)
     if inside is not None:
         raise UserError(f"--out {out} is inside the run directory {inside}; write the evaluation outside any run")
-    foreign = [p.name for p in out.iterdir() if not (p.name in OWN_FILES or (p.is_dir() and {q.name for q in p.iterdir()}
-                                                                              <= RUN_FILES))] if out.is_dir() else []
+    foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
+               and not (p.is_dir() and {q.name for q in p.iterdir()} <= RUN_FILES)] if out.is_dir() else []
     if foreign or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} holds what imdb-evaluate did not write ({', '.join(foreign[:3]) or 'a file'}); "
                         "choose another --out")
@@ -161,29 +145,25 @@ def main(argv=None) -> Path:
 
     evaluations, rows, files = {}, [], {}
     for name, (run, unseen, seen) in plans.items():
-        predictions = evaluate_run(run, texts, labels, unseen, args.batch_size)
-        metrics = {"run": str(run), "data": args.data, "split": args.split, **metrics_of(predictions),
-                   "excluded_seen": len(seen), "excluded_duplicates": found["excluded_duplicates"],
-                   "label_conflicts": found["label_conflicts"],
+        measured, files[f"{name}/predictions.csv"] = evaluate_run(run, texts, labels, unseen, args.batch_size)
+        metrics = {"run": str(run), "data": args.data, "split": args.split, **measured, "excluded_seen": len(seen),
+                   "excluded_duplicates": found["excluded_duplicates"], "label_conflicts": found["label_conflicts"],
                    "reviews_sha256": text_sha256([texts[i] for i in unseen], labels[unseen])}
-        shown = [texts[i] for i in unseen]
-        files[f"{name}/predictions.csv"] = predictions_csv(predictions, shown, predictions["max_length"])
         if args.include_seen and len(seen):
-            seen_rows = evaluate_run(run, texts, labels, seen, args.batch_size)
-            metrics["seen"] = metrics_of(seen_rows)
-            files[f"{name}/seen_predictions.csv"] = predictions_csv(seen_rows, [texts[i] for i in seen],
-                                                                    seen_rows["max_length"])
+            metrics["seen"], files[f"{name}/seen_predictions.csv"] = evaluate_run(run, texts, labels, seen,
+                                                                                  args.batch_size)
         files[f"{name}/metrics.json"] = json.dumps(metrics, indent=1) + "\n"
         evaluations[name] = metrics
-        read_back = parse_predictions(files[f"{name}/predictions.csv"])
-        evaluation = Evaluation(run, RunDir(run).saved_config(), read_back, metrics)
+        read_back = parse_predictions(files[f"{name}/predictions.csv"])  # the error analysis reads what was written
         correct = (read_back["label"] == read_back["predicted"]).astype(float)[None]
-        rows.append(Row([evaluation], correct, metrics["reviews_sha256"], [name], name))
-    made, skipped = compare(rows, None if len(rows) <= 3 else [])
+        evaluated = FinishedRun(run, metrics, [], RunDir(run).saved_config(), read_back)
+        rows.append(Row([evaluated], correct, metrics["reviews_sha256"], [name], name))
+    made, skipped = compare(rows, None)
     excluded = {name: m["excluded_seen"] for name, m in evaluations.items() if m["excluded_seen"]}
     text = [f"# Evaluation on {args.data} ({args.split})", "",
-            f"Generated by `imdb-evaluate` on {time.strftime('%Y-%m-%d')}: {found['rows']} reviews, of which "
-            f"{found['excluded_duplicates']} duplicate texts count once"
+            f"Generated by `imdb-evaluate` on {time.strftime('%Y-%m-%d')}: {found['rows']} reviews"
+            + (f", of which {found['excluded_duplicates']} repeat an earlier text and count once"
+               if found["excluded_duplicates"] else "")
             + (f" ({found['label_conflicts']} of them with both labels: the first row's is kept)"
                if found["label_conflicts"] else "") + ". Do not edit by hand.", ""]
     text += ([f"**Leak check:** {', '.join(f'{n} saw {k}' for n, k in excluded.items())} of these reviews in its "
@@ -191,7 +171,7 @@ def main(argv=None) -> Path:
               + (" and reported separately" if args.include_seen else "") + ". Accuracy on reviews a run trained on "
               "would overstate how it does on new ones.", ""] if excluded else
              ["**Leak check:** none of these reviews was in any run's training or validation split.", ""])
-    text += table(evaluations, list(evaluations)) + [""] + comparison_section(rows, made, skipped, False)
+    text += table(evaluations) + [""] + comparison_section(rows, made, skipped, False)
     analysis, pngs = error_analysis(rows, f"{args.data} ({args.split})")
     files.update(pngs)
     files["README.md"] = "\n".join(text) + "\n" + analysis
@@ -209,7 +189,6 @@ def main(argv=None) -> Path:
 
 
 def cli() -> None:
-    """The console command (pyproject.toml)."""
     run_cli(main)
 
 

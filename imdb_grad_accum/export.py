@@ -14,8 +14,6 @@ pipeline cuts long reviews the way the run trained (data.truncation), also head_
 express; the tokenizer's model_max_length is the run's data.max_length.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import sys
@@ -87,8 +85,7 @@ def exported_model(run: Path):
 
 
 def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
-    """README.md in the hub's model-card format: metadata, how to load it, the test metrics with their 95% interval
-    and its method, the seeds, the split, the full training config, the versions, and the limits."""
+    """README.md in the hub's model-card format, the run's row (`row_runs`: its other seeds) reported too."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from imdb_grad_accum.results import find_runs, group_rows
@@ -102,10 +99,9 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
                         "the seed); give only runs of the same configuration")
     this = next(x for x in row.runs if x.path.resolve() == run.resolve())
     single = group_rows([this])[0].values
-    m, split = this.metrics, RunDir(run).split()
+    m, split, interval = this.metrics, RunDir(run).split(), single["interval"]
     name = cfg.model.name
     on_hub = not Path(name).expanduser().exists() and name.count("/") <= 1
-    interval = single["interval"]
     results = [EvalResult(task_type="text-classification", dataset_type="stanfordnlp/imdb",
                           dataset_name="IMDB, re-split leak-free (train+test combined, duplicates dropped)",
                           dataset_split=f"test ({m['n_test']} reviews)", metric_type=kind, metric_name=kind,
@@ -114,6 +110,8 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
                          datasets=["stanfordnlp/imdb"], pipeline_tag="text-classification", library_name="transformers",
                          tags=["sentiment-analysis", "imdb", "imdb-grad-accum"], metrics=["accuracy", "f1"],
                          model_name=run.name, eval_results=results)
+    kept = {"head": "their beginning", "tail": "their end",
+            "head_tail": "a quarter of that budget from their start and three quarters from their end"}
     cut = this.predictions["truncated"].astype(bool)
     correct = this.predictions["label"] == this.predictions["predicted"]
     lines = [f"# {run.name}: IMDB sentiment (negative / positive)", "",
@@ -155,31 +153,26 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
               "- English movie reviews from IMDB (polarised: ratings ≤ 4 negative, ≥ 7 positive); other domains, "
               "languages and neutral texts are outside what it was trained and tested on.",
               f"- Reviews longer than {cfg.data.max_length} tokens are cut before classification, keeping "
-              + {"head": "their beginning", "tail": "their end",
-                 "head_tail": "a quarter of that budget from their start and three quarters from their end"}[cfg.data.truncation]
-              + ". The pipeline above cuts them the way training did; calling the model on your own tokenisation "
-              "with `truncation=True` keeps " + ("the end" if cfg.data.truncation == "tail" else "the beginning")
+              f"{kept[cfg.data.truncation]}. The pipeline above cuts them the way training did; calling the model on "
+              "your own tokenisation with `truncation=True` keeps "
+              + ("the end" if cfg.data.truncation == "tail" else "the beginning")
               + (" instead, which differs from training for long reviews." if cfg.data.truncation == "head_tail"
                  else ", as in training.")]
     if cut.any() and (~cut).any():
         lines.append(f"- {cut.mean():.0%} of the test reviews were cut; accuracy on them {correct[cut].mean():.4f}, "
                      f"on the others {correct[~cut].mean():.4f}.")
-    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
-    return str(card)
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-def export(run: Path, out: Path, row_runs: list[Path] = ()) -> Path:
-    """Writes the export into a temporary folder of its own beside OUT and renames it into place, so OUT is either the
-    previous export or the complete new one."""
+def export(run: Path, out: Path, row_runs: list[Path]) -> Path:
+    """OUT is either the previous export or the complete new one (write_folder renames it into place)."""
     cfg, tokenizer, model = exported_model(run)
-    card = model_card(run, cfg, list(row_runs))
+    card = model_card(run, cfg, row_runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     with write_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
-        for file in tmp.iterdir():  # as any new file would be: save_pretrained leaves some private
-            file.chmod(0o666 & ~_umask())
     return out
 
 
@@ -236,14 +229,7 @@ def main(argv=None) -> Path:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def cli() -> None:
-    """The console command (pyproject.toml)."""
     run_cli(main)
 
 

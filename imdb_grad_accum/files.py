@@ -1,8 +1,4 @@
-"""Writing files and folders so that a kill never leaves half of one under its real name, and a failed write is one
-line naming the file (`WriteFailed`), never a traceback. The one atomic-write routine of the project: everything
-written goes through `write_file` or `write_folder`."""
-
-from __future__ import annotations
+"""Writing files and folders so that a kill never leaves half of one under its real name."""
 
 import contextlib
 import hashlib
@@ -16,8 +12,7 @@ from imdb_grad_accum.errors import WriteFailed
 
 
 def write_file(path: Path, data: bytes | str, scratch: Optional[Path] = None) -> str:
-    """Write `data` under a fresh temporary name (in `scratch`, else beside `path`), flush it to disk and rename it
-    into place; returns its sha256. Only the temporary file this call created is ever removed."""
+    """Write `data` beside `path` (or in `scratch`), flush it and rename it into place; returns its sha256."""
     data = data.encode() if isinstance(data, str) else data
     tmp = None
     try:
@@ -38,10 +33,8 @@ def write_file(path: Path, data: bytes | str, scratch: Optional[Path] = None) ->
 
 @contextlib.contextmanager
 def write_folder(path: Path, scratch: Optional[Path] = None, name: Optional[str] = None) -> Iterator[Path]:
-    """Yields a new empty folder (in `scratch`, else beside `path`) to fill; when the block ends without an error its
-    files are flushed and it replaces `path`. A previous folder at `path` is first moved into a folder of this call's
-    own and removed after, so that nothing this call did not create is ever deleted. `name`: the temporary folder's
-    name in `scratch` (a folder several processes write into), replacing one a kill left there."""
+    """Yields an empty folder (beside `path`, or `scratch/name` for several processes) that replaces `path` when the
+    block ends without an error; only folders this call made are ever deleted."""
     try:
         if name is not None:
             tmp = scratch / name
@@ -55,6 +48,7 @@ def write_folder(path: Path, scratch: Optional[Path] = None, name: Optional[str]
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file() and not file.is_symlink():
+                file.chmod(0o666 & ~_umask())  # as any new file: save_pretrained makes some private
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
         tmp.chmod(0o777 & ~_umask())
@@ -65,16 +59,16 @@ def write_folder(path: Path, scratch: Optional[Path] = None, name: Optional[str]
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteFailed(path, err) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # named at the file's place in `path` when the error names it
+            failed = Path(err.filename) if isinstance(err.filename, str) else None
+            raise WriteFailed(path / failed.relative_to(tmp) if failed and failed.is_relative_to(tmp) else path,
+                              err) from None
         raise
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line (history.jsonl), naming the file when the write fails."""
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
@@ -91,7 +85,6 @@ def sha256_of(path: Path) -> str:
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,15 +1,5 @@
-"""The classifier a run trains, as a standard Hugging Face model: an encoder, masked mean (or CLS) pooling, dropout
-and a linear head. `imdb-export RUN OUT` copies this file into the exported folder, where
-
-    AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True)
-    pipeline("text-classification", model=OUT, trust_remote_code=True)
-
-load it without this project. It needs only torch and transformers. The project's training model (model.py) has the
-same `SentimentHead`, and its data cuts long reviews with `keep_ends` from here, so a trained run and its export
-cannot disagree.
-"""
-
-from __future__ import annotations
+"""The classifier a run trains as a standard HF model. `imdb-export` copies this file into the exported folder, where
+AutoModelForSequenceClassification and pipeline() load it (trust_remote_code=True) with only torch and transformers."""
 
 import inspect
 
@@ -21,8 +11,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
-    """One vector per review: the first token's (`cls`), or the mean over its real tokens (`mean`: padding must
-    not dilute the average)."""
+    """One vector per review: the first token's (`cls`), or the mean over its real tokens (`mean`)."""
     if pooling == "cls":
         return hidden[:, 0]
     if attention_mask is None:
@@ -31,12 +20,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def head_tokens(budget: int) -> int:
+    """head_tail's share from the start: a quarter of the budget, rounded half up (510 -> 128)."""
+    return (budget + 2) // 4
+
+
 def keep_ends(texts: list[str], spans: list, budget: int, truncation: str) -> list[str]:
-    """Cut reviews longer than `budget` tokens (special tokens not counted) to their last `budget` tokens (`tail`),
-    or to their first budget/4 and last 3 x budget/4 tokens (`head_tail`: Sun et al. 2019 kept the first 128 and
-    last 382 of 512 tokens on IMDB, since reviews often end with the verdict). Cuts fall on token boundaries, via the fast
-    tokenizer's character offsets (`spans`, one list per review)."""
-    head = budget // 4 if truncation == "head_tail" else 0
+    """Cut reviews longer than `budget` tokens to their last `budget` tokens (`tail`), or their first quarter and last
+    three quarters (`head_tail`, Sun et al. 2019: reviews often end with the verdict), at offsets `spans`."""
+    head = head_tokens(budget) if truncation == "head_tail" else 0
     cut = []
     for text, offsets in zip(texts, spans):
         if len(offsets) <= budget:
@@ -48,8 +40,6 @@ def keep_ends(texts: list[str], spans: list, budget: int, truncation: str) -> li
 
 
 class SentimentHead(nn.Module):
-    """What sits on the encoder: pooling, dropout and a linear layer to the two labels."""
-
     def __init__(self, hidden_size: int, pooling: str, dropout: float, num_labels: int = 2):
         super().__init__()
         self.pooling = pooling
@@ -76,7 +66,7 @@ def takes_token_type_ids(encoder: nn.Module) -> bool:
 
 
 class IMDBSentimentConfig(PreTrainedConfig):
-    """The encoder's own config (a sub-config) and the head: pooling, dropout, and how training cut long reviews."""
+    """The encoder's config (a sub-config) and the head's: pooling, dropout, and how training cut long reviews."""
 
     model_type = "imdb_sentiment"
     sub_configs = {"encoder_config": AutoConfig}
@@ -113,8 +103,7 @@ class IMDBSentimentClassifier(PreTrainedModel):
 
 
 class IMDBSentimentPipeline(TextClassificationPipeline):
-    """text-classification that cuts long reviews the way the model was trained (config.truncation), which a
-    tokenizer alone cannot do for head_tail."""
+    """text-classification that cuts long reviews as in training (config.truncation), beyond a tokenizer's means."""
 
     def preprocess(self, inputs, **tokenizer_kwargs):
         tokenizer_kwargs = {"truncation": True, "max_length": self.model.config.review_max_length, **tokenizer_kwargs}

@@ -1,12 +1,4 @@
-"""The writer's lock: one process writes a run directory at a time.
-
-An exclusive flock on the run directory itself and on its .lock file, held for the life of the writer; the operating
-system releases both when the process ends, even by SIGKILL. The folder's lock survives the removal or replacement
-of .lock (tidying tools, syncs); the file's works where folders cannot be locked (NFS). The holder writes its process
-id and command into .lock when it first writes, which is how a refused second writer learns who holds the run.
-"""
-
-from __future__ import annotations
+"""The writer's lock: flocks on the run directory and on its .lock (NFS), which the OS releases even on SIGKILL."""
 
 import contextlib
 import errno
@@ -42,22 +34,19 @@ class RunLock:
             lock.fds.append(file)
             _flock(file, path)
             lock.ids = {path: _identity(os.fstat(folder)), path / LOCK: _identity(os.fstat(file))}
-        except OSError as err:
+        except BaseException as err:
             lock.release()
-            raise UserError(f"cannot lock {path}: {err.strerror}") from None
-        except BaseException:
-            lock.release()
+            if isinstance(err, OSError):
+                raise UserError(f"cannot lock {path}: {err.strerror}") from None
             raise
         return lock
 
     def announce(self) -> None:
-        """Writes who holds the lock into .lock: at the writer's first write, so that a command refused after taking
-        the lock (a resume point found damaged) has changed nothing."""
+        """Writes who holds the lock into .lock, at the first write (a command refused before then changed nothing)."""
         os.ftruncate(self.fds[-1], 0)
         os.pwrite(self.fds[-1], f"{os.getpid()} {' '.join(sys.argv)[:300]}\n".encode(errors="replace"), 0)
 
     def intact(self) -> bool:
-        """The folder and .lock are still the ones locked (nobody removed or replaced them)."""
         try:
             return all(_identity(os.stat(p)) == ident for p, ident in self.ids.items())
         except OSError:
@@ -96,7 +85,6 @@ def _identity(stat: os.stat_result) -> tuple[int, int]:
 
 
 def _flock(fd: int, run: Path, optional: bool = False) -> None:
-    """Lock `fd` (open on the run directory or its .lock) or say who holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

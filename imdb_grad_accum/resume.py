@@ -1,14 +1,4 @@
-"""Resume points, checkpoints/resume/point-NNNNNN/: everything needed to continue a killed run exactly, written so
-that a kill at any moment leaves either a complete, verifiable point or none.
-
-A point holds the model and optimizer (safetensors), every process's RNG states, trainer.json (where training
-stands, the schedule, the grad scaler, whether the point was saved at a validation, and whose run it is), the history
-up to that moment and, hard-linked so that it costs no space, the best checkpoint of that moment. It is written into
-the run's scratch folder; manifest.json, the sha256 of every file, is written last, and only then is the folder
-renamed into place. The newest two are kept.
-"""
-
-from __future__ import annotations
+"""Resume points, checkpoints/resume/point-NNNNNN/: a kill at any moment leaves a complete, verified point or none."""
 
 import contextlib
 import hashlib
@@ -28,17 +18,14 @@ from imdb_grad_accum.errors import RunStopped, UserError, WriteFailed
 from imdb_grad_accum.files import fsync_dir, sha256_of, write_folder
 from imdb_grad_accum.loop import TrainingState
 from imdb_grad_accum.model import Weights, load_weights
-from imdb_grad_accum.writer import RESUME_ADVICE, RunWriter
+from imdb_grad_accum.writer import RESUME_ADVICE, RunWriter, resume_advice
 
 KEEP = 2
 NEEDED = ("model.safetensors", "optimizer.safetensors", "trainer.json", "history.jsonl", "rng_0.safetensors")
 
 
 class ResumePoints:
-    """`trainer` names the script that trains (an experiment id and its loop, e.g. ("exp_2", "accelerate")): it and
-    the layout of an optimizer step must match on resume, since a position in the data order means nothing
-    otherwise. Under several processes every process calls save and load (`barrier` keeps them together); the
-    first writes."""
+    """Every process calls save and load (`barrier` keeps them together); the first writes."""
 
     def __init__(self, run: RunWriter, trainer: tuple[str, str], layout: StepLayout, model, optimizer, scheduler,
                  scaler, process_index: int = 0, barrier: Callable[[], None] = lambda: None):
@@ -49,8 +36,7 @@ class ResumePoints:
         self._identity: Optional[dict] = None
 
     def identity(self) -> dict:
-        """The run a point belongs to: its id, and a checksum of what its config.yaml says about training (so that
-        re-saving the file, or a key a resume may change, does not disown the points). Read once."""
+        """The run a point belongs to: its id, and a checksum of its trained config (keys a resume may change aside)."""
         if self._identity is None:
             trained = json.dumps(trained_config(self.run.saved_config()), sort_keys=True, default=str)
             self._identity = {"run_id": self.run.marker().get("id"),
@@ -58,17 +44,16 @@ class ResumePoints:
         return self._identity
 
     def save(self, weights: Weights, state: TrainingState, validated: bool) -> Optional[Path]:
-        """A new point with `weights` (every process passes its own serialisation; the first writes it) and `state`;
-        `validated`: saved at a validation, whose weights last.safetensors must then be. Returns the point's weights
-        file on the first process (the checkpoints are linked to it), else None."""
+        """A new point (`validated`: at a validation); returns its weights file on the first process, else None."""
         points = self.run.resume_points()
         name = f"point-{int(points[0].name[6:]) + 1 if points else 1:06d}"
         point, tmp = self.run.resume_dir / name, self.run.scratch / name
         if self.is_main:
             self.run.check_writer()
             self.run.folder("checkpoints/resume")
+        writing = write_folder(point, self.run.scratch, name) if self.is_main else contextlib.nullcontext(tmp)
         try:
-            with write_folder(point, self.run.scratch, name) if self.is_main else contextlib.nullcontext(tmp):
+            with resume_advice(), writing:
                 self.barrier()
                 (tmp / f"rng_{self.process_index}.safetensors").write_bytes(save_safetensors(_rng_states()))
                 self.barrier()
@@ -77,8 +62,6 @@ class ResumePoints:
                     self.run.record(f"checkpoints/resume/{name}",
                                     *(f"checkpoints/resume/{name}/{f.name}" for f in tmp.iterdir()))
                     self.run.check_writer()
-        except WriteFailed as err:
-            raise WriteFailed(err.path, err.err, RESUME_ADVICE) from None
         except OSError as err:  # another process's RNG file
             raise WriteFailed(tmp, err, RESUME_ADVICE) from None
         if self.is_main:
@@ -107,13 +90,11 @@ class ResumePoints:
             self.remove(point)
 
     def remove(self, point: Path) -> None:
-        """Removes a point and drops it from the run's record (old points; all of them once a run has finished)."""
         shutil.rmtree(point)
         rel = f"checkpoints/resume/{point.name}"
         self.run.forget(*(p for p in self.run.recorded() if p == rel or p.startswith(rel + "/")))
 
     def _keep_best(self, link: Path, sha256: str) -> str:
-        """best.safetensors into the point: a hard link (the same bytes, no space), or a copy where links fail."""
         if not self.run.best.is_file() or sha256_of(self.run.best) != sha256:
             raise RunStopped(f"{self.run.best} is damaged or missing (its checksum differs from the one recorded "
                              "when it was written); the last resume point is kept, continue with --resume")
@@ -124,12 +105,10 @@ class ResumePoints:
         return sha256
 
     def load(self) -> TrainingState:
-        """Restores the newest usable point into the model, optimizer, schedule, scaler and RNGs and returns where
-        training stood; the history is cut back to what it held then, and best/last restored where they must be."""
         folder, trainer, files = self._newest_usable()
         if trainer["layout"] != self.layout:
-            raise UserError(f"--resume: {self.run.path} was saved with {trainer['layout']}, this run has {self.layout}; "
-                            "resume it with the same script and number of processes")
+            raise UserError(f"--resume: {self.run.path} was saved with {trainer['layout']}, this run has "
+                            f"{self.layout}; resume it with the same script and number of processes")
         load_weights(self.model, folder / "model.safetensors")
         self.optimizer.load_state_dict(_optimizer_state(folder / "optimizer.safetensors"))
         self.scheduler.load_state_dict(trainer["scheduler"])
@@ -158,8 +137,7 @@ class ResumePoints:
                         "the run again with --overwrite")
 
     def _verify(self, folder: Path) -> tuple[Optional[str], dict, dict]:
-        """Why the point at `folder` cannot be used (None when every file matches its manifest and it is this run's),
-        its trainer.json and its manifest. A kept best.safetensors is verified when it is needed."""
+        """Why the point cannot be used (None if it can), its trainer.json and its manifest."""
         try:
             files = json.loads((folder / "manifest.json").read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -185,10 +163,7 @@ class ResumePoints:
         return None, trainer, files
 
     def _restore_checkpoints(self, folder: Path, files: dict, state: TrainingState, validated: bool) -> None:
-        """best.safetensors must be the recorded best validation's weights, restored from the point's own weights (a
-        kill between a point and the checkpoints linked after it) or the best it kept (a newer point was unusable,
-        or the file was replaced or removed); a point saved at a validation holds that validation's weights, which
-        last.safetensors must be too."""
+        """best and last.safetensors restored where they must be the point's weights or the best it kept."""
         weights = folder / "model.safetensors"
         if validated and not (self.run.last.is_file() and sha256_of(self.run.last) == files["model.safetensors"]):
             self.run.link(weights, "checkpoints/last.safetensors", files["model.safetensors"])
@@ -204,9 +179,12 @@ class ResumePoints:
 
 
 def _write(path: Path, data: bytes | str) -> str:
-    """A file of a point being written (write_folder flushes them all and renames the point into place)."""
     data = data.encode() if isinstance(data, str) else data
-    path.write_bytes(data)
+    try:
+        path.write_bytes(data)
+    except OSError as err:
+        err.filename = str(path)  # write() errors name no file; the message should
+        raise
     return hashlib.sha256(data).hexdigest()
 
 
@@ -225,8 +203,7 @@ def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
 
 
 def _optimizer_bytes(optimizer) -> bytes:
-    """The optimizer's tensors as safetensors, its other values (step counts, param groups) as JSON metadata: no
-    pickle, unlike torch.save."""
+    """The optimizer's tensors as safetensors, its other values as JSON metadata: no pickle, unlike torch.save."""
     state = optimizer.state_dict()
     tensors = {f"{param}/{name}": value.detach().contiguous().cpu() for param, values in state["state"].items()
                for name, value in values.items() if torch.is_tensor(value)}

@@ -1,11 +1,8 @@
 """Statistics for comparing runs: bootstrap and seed intervals, paired tests, calibration and per-length accuracy.
 
-numpy and scipy.stats; what they lack is here: the paired bootstrap that resamples reviews (paired) and seeds, the
-majority vote over seeds, Holm's correction and the calibration bins. Every random function takes an explicit
-`seed`, so the same inputs always give the same numbers.
+What numpy and scipy.stats lack: the paired bootstrap over reviews and seeds, the majority vote over seeds, Holm's
+correction and the calibration bins. Every random function takes an explicit `seed`: the same inputs, the same numbers.
 """
-
-from __future__ import annotations
 
 import numpy as np
 from scipy import stats
@@ -14,15 +11,11 @@ CHUNK_ELEMENTS = 6_000_000  # of one (resamples, n) index matrix: int64 indices 
 
 
 def _chunks(resamples: int, n: int) -> list[int]:
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
     chunk = max(1, CHUNK_ELEMENTS // n)
     return [min(chunk, resamples - start) for start in range(0, resamples, chunk)]
 
 
 def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
     lower, upper = np.quantile(replicates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     return float(lower), float(upper)
 
@@ -50,8 +43,6 @@ def seed_interval(values, level: float = 0.95) -> tuple[float, float]:
     sample = np.asarray(values, dtype=np.float64)
     if sample.ndim != 1 or sample.size < 2:
         raise ValueError(f"seed_interval needs a 1-D list of at least 2 values, got shape {sample.shape}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
     if sample.std() == 0:
         return float(sample.mean()), float(sample.mean())
     low, high = stats.t.interval(level, sample.size - 1, loc=sample.mean(), scale=stats.sem(sample))
@@ -60,12 +51,9 @@ def seed_interval(values, level: float = 0.95) -> tuple[float, float]:
 
 def paired_bootstrap_difference(correct_a, correct_b, resamples: int = 10000, seed: int = 0,
                                 level: float = 0.95) -> tuple[float, float, float]:
-    """Difference of mean accuracy a - b with a paired bootstrap interval: (difference, lower, upper).
-
-    `correct_a` is (seeds_a, n) and `correct_b` is (seeds_b, n), a 1-D array being one seed; column j is the same
-    test review in both. Each replicate resamples the n reviews with the same indices for a and b (paired), and each
-    side's seeds with replacement, independently, when it has 2 or more, so the interval covers both test-set and
-    seed variation. With one seed each this is the plain paired bootstrap."""
+    """Mean accuracy a - b of (seeds, n) correctness, column j the same review in both, and its interval. Each replicate
+    resamples the reviews with the same indices for a and b, and each side's seeds, when it has several, so the
+    interval covers both test-set and seed variation."""
     a, b = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (correct_a, correct_b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] == 0 or a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must be (seeds, n) over the same n >= 1 reviews, got {a.shape} and {b.shape}")
@@ -90,16 +78,14 @@ def paired_bootstrap_difference(correct_a, correct_b, resamples: int = 10000, se
 
 
 def majority_correct(correct) -> np.ndarray:
-    """Per-review majority vote over seeds, from shape (seeds, n) or (n,) to a 1-D boolean array. A review counts as
-    correct when more than half of the seeds got it right; on a tie (an even number of seeds) the first seed decides."""
+    """Per-review majority vote over (seeds, n) correctness; on a tie the first seed decides."""
     votes = np.atleast_2d(_binary(correct, "correct"))
     right = votes.sum(axis=0)
     return np.where(2 * right == votes.shape[0], votes[0], 2 * right > votes.shape[0])
 
 
 def mcnemar_exact(correct_a, correct_b) -> float:
-    """Exact two-sided McNemar p-value for paired 1-D correctness of two classifiers on the same reviews: a binomial
-    test of the reviews only a got right against those only b got right (1 when there are none)."""
+    """Exact two-sided McNemar p-value: a binomial test of the reviews only a got right against those only b did."""
     a, b = _binary(correct_a, "correct_a"), _binary(correct_b, "correct_b")
     if a.ndim != 1 or a.shape != b.shape:
         raise ValueError(f"correct_a and correct_b must be 1-D of equal length, got {a.shape} and {b.shape}")
@@ -108,7 +94,7 @@ def mcnemar_exact(correct_a, correct_b) -> float:
 
 
 def holm_adjust(p_values: list[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values, in input order (monotone in the raw p-values, capped at 1)."""
+    """Holm–Bonferroni adjusted p-values, in input order."""
     raw = np.asarray(p_values, dtype=np.float64)
     if raw.ndim != 1 or ((raw < 0) | (raw > 1)).any() or np.isnan(raw).any():
         raise ValueError("p_values must be a flat list of numbers in [0, 1]")
@@ -120,18 +106,13 @@ def holm_adjust(p_values: list[float]) -> list[float]:
 
 
 def expected_calibration_error(prob_positive, labels, bins: int = 10) -> tuple[float, list[dict]]:
-    """Expected calibration error of a binary classifier, and its non-empty bins for a reliability diagram.
-
-    The prediction is positive when p >= 0.5 and its confidence is max(p, 1 - p), in [0.5, 1], cut into `bins`
-    equal bins (the last includes 1.0). ECE = Σ (count / n) · |accuracy - mean confidence|. Each bin is {"low",
-    "high", "count", "accuracy", "confidence"}."""
+    """Expected calibration error, and the non-empty bins of confidence max(p, 1 - p) in [0.5, 1] for a reliability
+    diagram. ECE = Σ (count / n) · |accuracy - mean confidence|."""
     probabilities, truth = np.asarray(prob_positive, dtype=np.float64), _binary(labels, "labels")
     if probabilities.ndim != 1 or probabilities.size == 0 or probabilities.shape != truth.shape:
         raise ValueError(f"need matching non-empty 1-D arrays, got {probabilities.shape} and {truth.shape}")
     if not ((probabilities >= 0) & (probabilities <= 1)).all():
         raise ValueError("prob_positive must lie in [0, 1]")
-    if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
     predicted = probabilities >= 0.5
     confidence = np.where(predicted, probabilities, 1.0 - probabilities)
     correct = predicted == truth
@@ -149,11 +130,8 @@ def expected_calibration_error(prob_positive, labels, bins: int = 10) -> tuple[f
 
 
 def accuracy_by_length(correct, tokens, truncated, edges: list[int]) -> list[dict]:
-    """Accuracy per token-count bin, split by whether the review was truncated; empty cells are left out.
-
-    Bins are [edges[i], edges[i+1]) labelled "128-255"; when some review has at least edges[-1] tokens an extra
-    open-ended bin ">=<last edge>" is added. Each cell is {"bin", "truncated", "count", "accuracy"}, in bin order,
-    untruncated before truncated."""
+    """Accuracy per token-count bin [edges[i], edges[i+1]) ("128-255", then ">=<last edge>" when some review reaches
+    it), split by whether the review was truncated; empty cells are left out."""
     right, lengths, cut = np.asarray(correct, dtype=np.float64), np.asarray(tokens), _binary(truncated, "truncated")
     if not (right.ndim == 1 and right.shape == lengths.shape == cut.shape):
         raise ValueError("correct, tokens and truncated must be 1-D arrays of the same length")
@@ -172,6 +150,4 @@ def accuracy_by_length(correct, tokens, truncated, edges: list[int]) -> list[dic
 def confusion(labels, predicted) -> np.ndarray:
     """2x2 confusion counts: rows are the true label (0 negative, 1 positive), columns the predicted label."""
     truth, guess = _binary(labels, "labels"), _binary(predicted, "predicted")
-    if truth.shape != guess.shape:
-        raise ValueError(f"labels and predicted must have the same shape, got {truth.shape} and {guess.shape}")
     return np.bincount(2 * truth.ravel().astype(int) + guess.ravel().astype(int), minlength=4).reshape(2, 2)

@@ -17,8 +17,6 @@ started again, on this machine or another sharing output_dir, shares the study: 
 no other is training, so every run is trained once.
 """
 
-from __future__ import annotations
-
 import contextlib
 import fcntl
 import itertools
@@ -32,12 +30,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
 from imdb_grad_accum.cli import command_parser, die_with_parent, run_cli, run_name
-from imdb_grad_accum.config import PROJECT_ROOT, flatten, load_config, to_plain_dict, trained_config
+from imdb_grad_accum.config import PROJECT_ROOT, load_config, to_plain_dict, trained_config
+from imdb_grad_accum.schema import flatten
 from imdb_grad_accum.errors import UserError
 from imdb_grad_accum.results import default_out, find_runs, read_comparisons, write_results
 from imdb_grad_accum.writer import RunWriter
@@ -48,19 +46,16 @@ CLAIMS = ".sweep-claims"  # in output_dir: which sweep process trains which run
 
 @dataclass
 class Job:
-    """One run of the study, and how this sweep process is doing with it."""
-
     path: Path
     config: Path
     overrides: list[str]
-    number: int = 0
-    outcome: Optional[str] = None  # finished | skipped | resumed | failed | done elsewhere
-    process: Optional[subprocess.Popen] = None
-    claim: Optional[int] = None  # the file descriptor of this process's claim lock
+    outcome: str | None = None  # finished | skipped | resumed | failed | done elsewhere
+    process: subprocess.Popen | None = None
+    claim: int | None = None  # the file descriptor of this process's claim lock
     started: float = 0.0
-    device: Optional[str] = None
+    device: str | None = None
     resumed: bool = False
-    seen_busy: bool = False  # another process trained it when we looked
+    seen_busy: bool = False  # another process trained it when this one looked
 
 
 @dataclass
@@ -69,12 +64,11 @@ class Study:
     command: list[str]  # the launcher and the script
     parallel: int
     devices: list[str]
-    threads: Optional[int]  # per run on the CPU
+    threads: int | None  # per run on the CPU
     running: list[Job] = field(default_factory=list)
 
 
 def main(argv=None) -> dict[Path, str]:
-    """Runs the study; returns each run directory's outcome."""
     p = command_parser(__doc__)
     p.add_argument("items", nargs="+", metavar="config.yaml | key=value", help="configs to run, and overrides for all")
     p.add_argument("--script", default=SCRIPTS[0], help=f"entry script, one of {', '.join(SCRIPTS)} (default: "
@@ -88,7 +82,8 @@ def main(argv=None) -> dict[Path, str]:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1); on the CPU they share the cores")
     p.add_argument("--devices", help="CUDA devices to spread the runs over, one each, round-robin, e.g. 0,1,2,3")
     p.add_argument("--group", help="WandB group of the sweep's runs (default: the config names joined with +)")
-    p.add_argument("--out", type=Path, help="where the results tables go (default: beside the runs, <output_dir>/results)")
+    p.add_argument("--out", type=Path,
+                   help="where the results tables go (default: beside the runs, <output_dir>/results)")
     p.add_argument("--baseline", metavar="ROW", help="results: compare every other row with this one only")
     p.add_argument("--compare", action="append", default=[], metavar='"A vs B"', help="results: a comparison to make")
     p.add_argument("--comparisons", type=Path, metavar="FILE", help="results: the study's planned comparisons (YAML)")
@@ -115,10 +110,14 @@ def main(argv=None) -> dict[Path, str]:
         raise UserError("--jobs with --launcher would start several multi-process launches at once, sharing the GPUs "
                         "and the rendezvous port; run them one at a time (or one sweep per machine)")
     comparisons = read_comparisons(args.comparisons)
-    devices = check_devices(args.devices, args.launcher)
+    if args.devices and args.launcher:
+        raise UserError("--devices gives each run one GPU; with --launcher, the launcher places its processes "
+                        "(set CUDA_VISIBLE_DEVICES for it instead)")
+    if args.devices:
+        from imdb_grad_accum.device import visible_devices  # here: torch loads only when GPUs are asked for
+    devices = visible_devices(args.devices) if args.devices else []
     if not any(o.startswith("tracking.group=") for o in overrides) and not os.environ.get("WANDB_RUN_GROUP"):
         overrides.append(f"tracking.group={args.group or '+'.join(config.stem for config in configs)[:120]}")
-
     jobs = plan(configs, overrides, grid_points(args.grid, bool(seeds)), [int(s) for s in seeds] or None)
     threads = None if devices else max(1, len(os.sched_getaffinity(0)) // args.jobs)  # the cores this process has
     study = Study(jobs, [*launcher, str(script)], args.jobs, devices, threads)
@@ -137,26 +136,22 @@ def main(argv=None) -> dict[Path, str]:
     return {job.path: job.outcome for job in jobs}
 
 
-# ----------------------------------------------------------------------------------------------- what to run
-
 def grid_points(grid: list[str], seeds: bool) -> list[list[str]]:
-    """Every combination of the --grid values, as lists of overrides (one empty list without --grid). Two grids that
-    set the same key, and a grid over what names a run (name, output_dir) or over seed beside --seeds, are refused:
-    run names and runs would not agree."""
+    """Every combination of the --grid values, as lists of overrides (one empty list without --grid)."""
     axes, keys = [], {}
     for item in grid:
         key, _, values = item.partition("=")
         if not key or not _:
             raise UserError(f"--grid {item!r} must look like KEY=V1,V2,..., e.g. --grid train.lr=3e-5,5e-5")
         parts = split_values(values)
-        if not parts or any(not v.strip() for v in parts):
+        if any(not v.strip() for v in parts):
             raise UserError(f"--grid {item!r}: give one or more values, separated by commas")
         for value in parts:
             parsed = yaml.safe_load(value) if value.strip().startswith("{") else None
             for leaf in (flatten(parsed, f"{key}.") if isinstance(parsed, dict) else {key: None}):
                 if leaf in ("name", "output_dir") or (leaf == "seed" and seeds):
-                    raise UserError(f"--grid {leaf}: {leaf} cannot be a grid key; "
-                                    + ("use --seeds" if leaf == "seed" else "give each config its own name= in its file"))
+                    advice = "use --seeds" if leaf == "seed" else "give each config its own name= in its file"
+                    raise UserError(f"--grid {leaf}: {leaf} cannot be a grid key; {advice}")
                 if keys.setdefault(leaf, item) != item:
                     raise UserError(f"--grid: {leaf} is set by two grids ({keys[leaf]!r} and {item!r}); give all its "
                                     "values in one --grid")
@@ -167,89 +162,58 @@ def grid_points(grid: list[str], seeds: bool) -> list[list[str]]:
 
 def split_values(text: str) -> list[str]:
     """Split at commas outside brackets, so that a value may be a list: --grid data.split=[8,1,1],[9,1,1]."""
-    values, depth, current = [], 0, ""
+    values, depth = [""], 0
     for char in text:
         depth += 1 if char in "[{" else -1 if char in "]}" else 0
         if char == "," and depth == 0:
-            values.append(current)
-            current = ""
+            values.append("")
         else:
-            current += char
-    return values + [current]
+            values[-1] += char
+    return values
 
 
-def plan(configs: list[Path], overrides: list[str], points: list[list[str]], seeds: Optional[list[int]]) -> list[Job]:
-    """Every run of the study, each config loaded and checked before anything runs; two points that give the same
-    run (1e-3 and 0.001) are refused."""
+def plan(configs: list[Path], overrides: list[str], points: list[list[str]], seeds: list[int] | None) -> list[Job]:
+    """Every run of the study, each config loaded and checked before anything runs."""
     jobs, trained = [], {}
-    for config in configs:
-        for point in points:
-            for seed in seeds or [None]:
-                extra = overrides + point + ([f"seed={seed}"] if seed is not None else [])
-                if point or seed is not None:
-                    name = load_config(config, overrides).name
-                    extra.append(f"name={run_name(name, point + ([f'seed={seed}'] if seed is not None else []))}")
-                try:
-                    cfg = load_config(config, extra)
-                except UserError as err:
-                    raise UserError(f"{config} with {' '.join(point)}: {err}" if point else str(err)) from None
-                run = RunWriter.of(cfg)
-                key = json.dumps([str(config), trained_config(to_plain_dict(cfg))], sort_keys=True, default=str)
-                if key in trained:
-                    raise UserError(f"{run.path.name} and {trained[key]} are the same run (their grid values are "
-                                    "equal once read); give each value once")
-                trained[key] = run.path.name
-                # read only: a folder that is not a run, or a run of another config (another sweep process may be
-                # training it: that is the study shared, not refused)
-                run.check(cfg, "continue", locked=True)
-                if run.path.resolve() in {job.path.resolve() for job in jobs}:
-                    raise UserError(f"two runs of the study write to {run.path}; give the configs different names "
-                                    "(name= in the config)")
-                jobs.append(Job(run.path, config, extra, len(jobs) + 1))
+    for config, point, seed in itertools.product(configs, points, seeds or [None]):
+        varied = point + ([f"seed={seed}"] if seed is not None else [])
+        extra = overrides + varied
+        if varied:
+            extra.append(f"name={run_name(load_config(config, overrides).name, varied)}")
+        try:
+            cfg = load_config(config, extra)
+        except UserError as err:
+            raise UserError(f"{config} with {' '.join(point)}: {err}" if point else str(err)) from None
+        run = RunWriter.of(cfg)
+        key = json.dumps([str(config), trained_config(to_plain_dict(cfg))], sort_keys=True, default=str)
+        if key in trained:  # 1e-3 and 0.001
+            raise UserError(f"{run.path.name} and {trained[key]} are the same run (their grid values are "
+                            "equal once read); give each value once")
+        trained[key] = run.path.name
+        run.check(cfg, "continue", locked=True)  # locked: another sweep process may train it (the study shared)
+        if run.path.resolve() in {job.path.resolve() for job in jobs}:
+            raise UserError(f"two runs of the study write to {run.path}; give the configs different names "
+                            "(name= in the config)")
+        jobs.append(Job(run.path, config, extra))
     return jobs
 
 
-def check_devices(devices: Optional[str], launcher: Optional[str]) -> list[str]:
-    """The CUDA devices named by --devices, as the children must be told them: numbered as this process sees them,
-    so within a CUDA_VISIBLE_DEVICES it was given (a cluster's allocation), each mapped back to the device it names."""
-    if devices is None:
-        return []
-    if launcher:
-        raise UserError("--devices gives each run one GPU; with --launcher, the launcher places its processes "
-                        "(set CUDA_VISIBLE_DEVICES for it instead)")
-    names = [d.strip() for d in devices.split(",")]
-    if not all(name.isdigit() for name in names):
-        raise UserError(f"--devices {devices}: give CUDA device numbers separated by commas, e.g. --devices 0,1")
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    missing = [name for name in names if int(name) >= count]
-    if missing:
-        raise UserError(f"--devices {devices}: there is no CUDA device {', '.join(missing)} here ({count} visible)")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [visible.split(",")[int(name)].strip() for name in names] if visible else names
-
-
-# ----------------------------------------------------------------------------------------------- running
-
 def run_study(study: Study) -> None:
-    """Start runs while fewer than --jobs are running; a run another process trains waits until it is free, and is
-    then either finished (done elsewhere) or taken over."""
+    """Start runs while fewer than --jobs run; a run another process trains waits until it is finished or free."""
     waiting = list(study.jobs)
     while waiting or study.running:
         for job in list(waiting):
             if len(study.running) >= study.parallel:
                 break
             state = claim(job)
-            if state == "busy":
-                continue
-            waiting.remove(job)
-            if state == "finished":
+            if state != "busy":
+                waiting.remove(job)
+            if state == "taken":
+                launch(study, job)
+            elif state == "finished":
                 job.outcome = "done elsewhere" if job.seen_busy else "skipped"
                 print(f"{header(study, job)}: " + ("finished by another process" if job.seen_busy else
                                                    "finished before, skipped"), flush=True)
-                continue
-            launch(study, job)
         for job in [j for j in study.running if j.process.poll() is not None]:
             reap(study, job)
         if waiting and not study.running and all(j.seen_busy and not RunWriter(j.path).is_finished() for j in waiting):
@@ -269,34 +233,28 @@ def claim(job: Job) -> str:
         fd = os.open(claims / f"{job.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise UserError(f"cannot create {claims}: {err.strerror}") from None
-    try:
+    with contextlib.suppress(BlockingIOError):  # another sweep process holds the claim
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        job.seen_busy = True
-        return "busy"
-    if run.holder() or run.is_finished():  # trained outside any sweep, or finished just now
-        os.close(fd)
-        job.seen_busy = True
-        return "finished" if run.is_finished() else "busy"
-    job.claim = fd
-    return "taken"
+        if not run.holder() and not run.is_finished():  # else trained outside any sweep, or finished just now
+            job.claim = fd
+            return "taken"
+    os.close(fd)
+    job.seen_busy = True
+    return "finished" if run.is_finished() else "busy"
 
 
 def header(study: Study, job: Job) -> str:
-    return f"[sweep {job.number}/{len(study.jobs)}] {job.path}"
+    return f"[sweep {study.jobs.index(job) + 1}/{len(study.jobs)}] {job.path}"
 
 
 def launch(study: Study, job: Job) -> None:
-    """The run in its own process (and process group, so that a terminal's Ctrl-C reaches only the sweep, which
-    then stops the run with SIGTERM), its output appended to train.log in its run directory."""
+    """The run in its own process and session: a terminal's Ctrl-C reaches only the sweep, which stops it (SIGTERM)."""
     run = RunWriter(job.path)
     job.resumed = bool(run.resume_points())
     restart = not job.resumed and run.is_run()  # stopped before its first resume point
     env = dict(os.environ)
     if study.devices:  # the device fewest running runs share, the first of them on a tie
-        busy = [j.device for j in study.running]
-        job.device = min(study.devices, key=lambda d: (busy.count(d), study.devices.index(d)))
+        job.device = min(study.devices, key=[j.device for j in study.running].count)
         env["CUDA_VISIBLE_DEVICES"] = job.device
     elif study.threads:
         env.update(OMP_NUM_THREADS=str(study.threads), MKL_NUM_THREADS=str(study.threads))
@@ -307,7 +265,7 @@ def launch(study: Study, job: Job) -> None:
         log.flush()
         command = [*study.command, "--config", str(job.config), *job.overrides, "--continue"]
         job.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                       preexec_fn=_own_group_dying_with_parent)
+                                       start_new_session=True, preexec_fn=die_with_parent)
     job.started = time.time()
     study.running.append(job)
     where = f" on cuda:{job.device}" if job.device else f" ({study.threads} CPU threads)" if study.threads else ""
@@ -318,28 +276,19 @@ def launch(study: Study, job: Job) -> None:
 def reap(study: Study, job: Job) -> None:
     code = job.process.returncode
     study.running.remove(job)
-    if job.claim is not None:
-        os.close(job.claim)
-        job.claim = None
+    os.close(job.claim)
     job.outcome = "failed" if code else "resumed" if job.resumed else "finished"
-    print(f"{header(study, job)}: {job.outcome}" + (f" (exit code {code}{last_error(job.path / 'train.log')}; see "
-                                                    f"{job.path / 'train.log'})" if code else "")
-          + f" after {(time.time() - job.started) / 60:.1f} min", flush=True)
+    log = job.path / "train.log"
+    failure = f" (exit code {code}{last_error(log)}; see {log})" if code else ""
+    print(f"{header(study, job)}: {job.outcome}{failure} after {(time.time() - job.started) / 60:.1f} min", flush=True)
 
 
 def last_error(log: Path) -> str:
-    """The one line a run ended with (`error: ...` or `stopped: ...`), to show beside its exit code."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()[-50:]
-    except OSError:
-        return ""
-    ends = [line for line in lines if line.startswith(("error: ", "stopped: "))]
-    return f": {ends[-1]}" if ends else ""
-
-
-def _own_group_dying_with_parent() -> None:
-    os.setpgid(0, 0)
-    die_with_parent()
+    with contextlib.suppress(OSError):
+        ends = [line for line in log.read_text(errors="replace").splitlines()[-50:]
+                if line.startswith(("error: ", "stopped: "))]
+        return f": {ends[-1]}" if ends else ""
+    return ""
 
 
 def stop_all(study: Study) -> None:
@@ -361,7 +310,6 @@ def _stop(*_) -> None:
 
 
 def run(argv: list[str]) -> None:
-    """main, with the sweep's own exit codes: 1 when a run failed, 130/143 when the sweep was stopped."""
     try:
         outcomes = main(argv)
     except (KeyboardInterrupt, SweepStopped) as err:
@@ -373,7 +321,6 @@ def run(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    """The console command (pyproject.toml)."""
     run_cli(run)
 
 

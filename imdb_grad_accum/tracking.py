@@ -1,14 +1,4 @@
-"""What a run records as it goes: history.jsonl (everything, always) and WandB (best effort), and what it derived
-from its config and machine (`run_facts`: WandB's `derived` config section, and part of metrics.json).
-
-WandB never stops training: no account, no network or a failing service leaves the run offline in run_dir/wandb, for
-`wandb sync` later, or without WandB (history.jsonl still has everything). Dashboards line up without editing a
-panel: train metrics are plotted against samples seen (`train/samples`), so runs with other effective batches share
-an axis; validation metrics against `epoch`. A resumed run continues the same WandB run (its id is kept in run.json),
-and steps logged before a kill are not logged again.
-"""
-
-from __future__ import annotations
+"""What a run records: history.jsonl (always), WandB (best effort: it never stops training), and run facts."""
 
 import contextlib
 import os
@@ -29,21 +19,18 @@ RECIPE_KEYS = ("layer_lr_decay", "freeze", "label_smoothing")  # recorded in met
 
 def run_facts(trainer: tuple[str, str], layout: StepLayout, lr: float, device, precision: str, split: dict,
               packed: bool, train: DictConfig) -> dict:
-    """What a run derived from its config and machine. The optimizer step is recorded as configured:
-    grad_accum_steps micro-batches (forward passes cut by micro_batch_tokens instead, when that is set) on each of
-    num_processes processes."""
     import accelerate
     import torch
     import transformers
 
     recipe = {key: train[key] for key in RECIPE_KEYS if train[key] not in (None, 0, 0.0)}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__}
     return {"experiment": trainer[0], "trainer": trainer[1], "effective_batch_size": layout.effective_batch,
             "grad_accum_steps": layout.grad_accum_steps, "micro_batch_tokens": layout.micro_batch_tokens,
             "num_processes": layout.processes, "lr": lr, "device": device.type, "precision": precision,
-            "packed": packed, **recipe,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "accelerate": accelerate.__version__},
-            "git_commit": git_commit(), "split_sizes": {name: len(split[name]) for name in ("train", "validation", "test")},
+            "packed": packed, **recipe, "versions": versions, "git_commit": git_commit(),
+            "split_sizes": {name: len(split[name]) for name in ("train", "validation", "test")},
             "split_fingerprint": split_fingerprint(split), "test_sha256": split["test_sha256"]}
 
 
@@ -60,7 +47,6 @@ def git_commit() -> Optional[str]:
 
 
 def describe(cfg: DictConfig, facts: dict, steps_per_epoch: int, split: dict) -> str:
-    """The lines a run prints before training: what trains on what, and how the effective batch is made."""
     sizes = facts["split_sizes"]
     batch, tokens = facts["effective_batch_size"], facts["micro_batch_tokens"]
     made = (f"{batch // facts['num_processes']} x {facts['num_processes']} process(es), in forward passes of "
@@ -88,7 +74,7 @@ def wandb_choices(tracking: DictConfig) -> dict:
 
 
 def wandb_run_id(run) -> str:
-    """The run's own WandB id (run.json), or under a WandB sweep agent the agent's: WandB ignores any other id there."""
+    """The run's own WandB id (run.json), or a sweep agent's, since WandB ignores any other id there."""
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         return os.environ["WANDB_RUN_ID"]
     return run.marker()["wandb_ids"][0]
@@ -99,9 +85,7 @@ class Tracker:
 
     def __init__(self, run: RunWriter, cfg: DictConfig, facts: dict, active: bool = True):
         self.run, self.cfg, self.facts, self.active = run, cfg, facts, active
-        # What a resumed run logged before its resume point (history.jsonl is cut back to it): WandB is given the
-        # part it does not have, so that its charts hold every step once, whatever a kill lost in transit.
-        self.earlier = run.history() if active else []
+        self.earlier = run.history() if active else []  # up to the resume point: WandB gets what it lacks
         self.new_from_step = 0  # WandB holds the steps below it already
         self.wandb_run = None
         if active:
@@ -117,15 +101,13 @@ class Tracker:
                 self.wandb_run.log({k: v for k, v in values.items() if not k.endswith("/n")}, step=step)
 
     def preempted(self) -> None:
-        """Before stopping for SIGTERM: under a WandB sweep agent, the sweep then gives the run (same id, same
-        parameters, so the same run directory) to an agent again, which resumes it."""
+        """Before stopping for SIGTERM: a WandB sweep then gives the run to an agent again, which resumes it."""
         if self.active and self.wandb_run is not None and os.environ.get("WANDB_SWEEP_ID"):
             with self._guard():
                 self.wandb_run.mark_preempting()
 
     def finish(self, metrics: dict, test_rows: dict, texts: list[str], step: int) -> None:
-        """The test record in history.jsonl; in WandB, the summary (each value once), a confusion matrix, the most
-        confidently wrong test reviews and, with tracking.log_model=best, the model as an artifact."""
+        """The test record; in WandB also a confusion matrix, the worst mistakes and (log_model=best) the model."""
         if not self.active:
             return
         test = {f"test/{k[5:]}": v for k, v in metrics.items() if k.startswith("test_") and k != "test_sha256"}
@@ -156,8 +138,7 @@ class Tracker:
         self.wandb_run = None
 
     def _start_wandb(self) -> None:
-        """auto: online when WandB can start online (an API key, a service that answers within its init_timeout),
-        else offline. The run records the WandB id and folder as its own before WandB writes anything."""
+        """auto: online when WandB can start online, else offline."""
         choices = wandb_choices(self.cfg.tracking)
         if choices["mode"] == "disabled":
             return
@@ -167,25 +148,25 @@ class Tracker:
         model = self.cfg.model.name.rstrip("/").split("/")[-1]
         tags = [model[:64], f"eb{self.facts['effective_batch_size']}", f"seed{self.cfg.seed}", *choices["tags"],
                 *(f"{key}={self.facts[key]}" for key in RECIPE_KEYS if key in self.facts)]
-        attempts = {"auto": ("online", "offline"), "online": ("online", "offline")}.get(choices["mode"], (choices["mode"],))
+        mode, job_type = choices["mode"], f"{self.facts['experiment']}/{self.facts['trainer']}"
+        attempts = ("online", "offline") if mode in ("auto", "online") else (mode,)
         for attempt in attempts:
             try:
                 import wandb
 
                 self.wandb_run = wandb.init(
-                    id=run_id, resume="allow", name=self.cfg.name, project=choices["project"], entity=choices["entity"],
-                    group=choices["group"], job_type=f"{self.facts['experiment']}/{self.facts['trainer']}", tags=tags,
-                    dir=str(self.run.path), mode=attempt, config={**to_plain_dict(self.cfg), "derived": self.facts},
+                    id=run_id, resume="allow", reinit="finish_previous", name=self.cfg.name, tags=tags, mode=attempt,
+                    project=choices["project"], entity=choices["entity"], group=choices["group"], job_type=job_type,
+                    dir=str(self.run.path), config={**to_plain_dict(self.cfg), "derived": self.facts},
                     settings=wandb.Settings(init_timeout=15, silent=True))
-                self.wandb_run.define_metric("train/samples", hidden=True)
-                self.wandb_run.define_metric("train/*", step_metric="train/samples")
-                self.wandb_run.define_metric("epoch", hidden=True)
-                self.wandb_run.define_metric("val/*", step_metric="epoch")
+                for axis, metrics in (("train/samples", "train/*"), ("epoch", "val/*")):  # shared across batch sizes
+                    self.wandb_run.define_metric(axis, hidden=True)
+                    self.wandb_run.define_metric(metrics, step_metric=axis)
                 for name, summary in (("val/accuracy", "max"), ("val/f1", "max"), ("val/loss", "min")):
                     self.wandb_run.define_metric(name, step_metric="epoch", summary=summary)
                 self._send_earlier(attempt)
             except Exception as err:  # wandb raises many types; none of them may stop training
-                if attempt == attempts[-1] or choices["mode"] == "online":  # auto going offline is no news
+                if attempt == attempts[-1] or mode == "online":  # auto going offline is no news
                     self._wandb_failed(err)
                 self.wandb_run = None
                 with contextlib.suppress(Exception):
@@ -197,9 +178,7 @@ class Tracker:
             return
 
     def _send_earlier(self, mode: str) -> None:
-        """Online, the service knows the steps it has and continues after them. Offline, a killed process's file
-        lost what it had not flushed: the new offline run gets the whole history and replaces the earlier partial
-        ones (`wandb sync` then uploads one complete run)."""
+        """Offline, the new run gets the whole history and replaces earlier partial ones, for one `wandb sync`."""
         if mode == "offline":
             current = Path(self.wandb_run.dir).parent
             for earlier in (self.run.path / "wandb").glob(f"offline-run-*-{self.wandb_run.id}"):

@@ -1,18 +1,13 @@
-"""How a model trains and is evaluated, for every entry script: seeding, the optimizer (layer-wise lr decay, frozen
-parameters) and schedule, the per-review weighted loss, the plain-PyTorch backward and step, forward passes cut by
-tokens, and evaluation with per-review predictions."""
-
-from __future__ import annotations
+"""How a model trains and is evaluated: optimizer, schedule, weighted loss, plain-PyTorch step, evaluation."""
 
 import math
-import random
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from transformers import get_scheduler
+from transformers import get_scheduler, set_seed
 
 from imdb_grad_accum.device import autocast
 from imdb_grad_accum.errors import RunStopped
@@ -20,24 +15,16 @@ from imdb_grad_accum.model import encoder_layers, model_inputs
 from imdb_grad_accum.packing import select
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+seed_everything = set_seed  # random, numpy and torch
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device`; plain numbers (a packed batch's max_seqlen) stay as they are."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Parameter groups by learning rate (train.layer_lr_decay: the head and everything above the encoder's layers at
-    `lr`, each layer below at the one above x decay, the embeddings lowest) and by weight decay (none on biases and
-    norm weights, the usual BERT recipe). Frozen parameters are in no group, so the optimizer keeps no state for them.
-    Fused kernels where torch has them."""
+def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """Parameter groups by lr (train.layer_lr_decay) and weight decay (none on biases and norms); frozen in none."""
     depth = {}  # parameter -> how many steps of decay below the head
     if train.layer_lr_decay is not None:
         layers = encoder_layers(model)
@@ -47,8 +34,7 @@ def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device
     groups = {}
     for p in model.parameters():
         if p.requires_grad:
-            key = (depth.get(id(p), 0), p.ndim >= 2)
-            groups.setdefault(key, []).append(p)
+            groups.setdefault((depth.get(id(p), 0), p.ndim >= 2), []).append(p)
     decay = train.layer_lr_decay or 1.0
     param_groups = [{"params": params, "lr": lr * decay ** level, "weight_decay": train.weight_decay if matrix else 0.0}
                     for (level, matrix), params in sorted(groups.items())]  # the head's lr first: train/lr logs it
@@ -58,26 +44,19 @@ def build_optimizer(model: torch.nn.Module, train: DictConfig, lr: float, device
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, total_steps: int):
-    """Counts optimizer steps, not micro-batches: warmup and decay fit every accumulation setting. Warmup leaves at
-    least one step at the full rate (10% of a single step must not round up to a run that never trains)."""
+    """Over optimizer steps; warmup leaves at least one at the full rate (10% of one step must not round up to 1)."""
     warmup = min(math.ceil(total_steps * train.warmup_ratio), max(total_steps - 1, 0))
-    return get_scheduler(SCHEDULES[train.scheduler], optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total_steps)
+    return get_scheduler(SCHEDULES[train.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def weighted_loss(logits: torch.Tensor, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Sum of per-review cross-entropy (against labels smoothed by `label_smoothing`) x `loss_weight` (1 / reviews in
-    the optimizer step): over a step the micro-batch losses add up to the step's mean, however the step was cut."""
+    """Sum of per-review cross-entropy x `loss_weight`: a step's micro-batch losses add up to its mean."""
     per_review = F.cross_entropy(logits.float(), batch["labels"], reduction="none", label_smoothing=label_smoothing)
     return (per_review * batch["loss_weight"]).sum()
 
 
 class MicroBatches:
-    """train.micro_batch_tokens: cuts a batch (all of an optimizer step's reviews on this process) into forward
-    passes of at most `budget` tokens, consecutive reviews together (a padded row counts its padded width); `auto`
-    starts from the whole batch. After a CUDA out-of-memory error the budget halves for the rest of the run and the
-    step is redone, so a too large batch costs time, never the run. The per-review loss weights make the result that
-    of the whole batch however it is cut."""
+    """Forward passes of at most `budget` tokens (auto: all), halved after CUDA out-of-memory and the step redone."""
 
     def __init__(self, setting: str | None = None):
         self.active = setting is not None
@@ -104,7 +83,6 @@ class MicroBatches:
                 for a, b in zip(bounds, bounds[1:])]
 
     def shrink(self, failed: dict) -> None:
-        """After an out-of-memory error on the forward pass `failed`."""
         reviews = len(failed["labels"])
         tokens = failed["num_tokens"] if "cu_seqlens" in failed else failed["input_ids"].numel()
         if reviews == 1:
@@ -117,8 +95,7 @@ class MicroBatches:
 
 def run_in_passes(batch: dict, micro_batches: MicroBatches, one_pass: Callable[[dict, bool], torch.Tensor],
                   start_over: Callable[[], None]) -> torch.Tensor:
-    """Sum of `one_pass(part, last)` over the forward passes `micro_batches` cuts `batch` into. After a CUDA
-    out-of-memory error: `start_over()` (clear the step's gradients), a smaller budget, and the batch again."""
+    """Sum of `one_pass(part, last)` over `batch`'s passes; after out-of-memory, `start_over()` and again, smaller."""
     if not micro_batches.active:
         return one_pass(batch, True)
     while True:
@@ -132,8 +109,7 @@ def run_in_passes(batch: dict, micro_batches: MicroBatches, one_pass: Callable[[
             failed = part
         total = parts = None  # the failed pass's activations go with the exception, before retrying
         start_over()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
         micro_batches.shrink(failed)
 
 
@@ -150,8 +126,7 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
-        """Adds this batch's share of its step's mean loss to the gradients (in forward passes of at most
-        train.micro_batch_tokens tokens when that is set); returns that share, on the device."""
+        """Adds this batch's share of its step's mean loss to the gradients; returns that share, on the device."""
         return run_in_passes(batch, self.micro_batches, lambda part, _: self._forward_backward(part),
                              lambda: self.optimizer.zero_grad(set_to_none=True))
 
@@ -181,9 +156,7 @@ class Stepper:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
              gather: Optional[Callable] = None, progress=None) -> tuple[dict, dict]:
-    """Loss, accuracy and F1 (positive class) over a loader, and the per-review predictions behind them. `gather`
-    (Accelerate's gather_for_metrics) collects the shards of several processes, counting every review once;
-    `progress` (a callable wrapping the loader) shows how far it has come."""
+    """Loss, accuracy and F1 over a loader, and the per-review predictions; `gather` collects processes' shards."""
     was_training = model.training
     model.eval()
     columns = {name: [] for name in ("index", "label", "predicted", "prob_positive", "loss", "tokens")}
@@ -205,14 +178,12 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
 
 
 def classification_metrics(rows: dict) -> dict:
-    """From per-review rows (label, predicted, loss): what the prediction file reproduces exactly (fsum does not
-    depend on the order of the reviews)."""
+    """From per-review rows (label, predicted, loss), exactly as the prediction file reproduces them (fsum)."""
     labels, predicted = np.asarray(rows["label"]), np.asarray(rows["predicted"])
     true_pos = int(((predicted == 1) & (labels == 1)).sum())
     predicted_pos, actual_pos = int((predicted == 1).sum()), int((labels == 1).sum())
     precision = true_pos / predicted_pos if predicted_pos else 0.0
     recall = true_pos / actual_pos if actual_pos else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    correct = int((predicted == labels).sum())
-    return {"loss": math.fsum(float(x) for x in rows["loss"]) / len(labels), "accuracy": correct / len(labels),
-            "f1": f1, "n": len(labels)}
+    return {"loss": math.fsum(float(x) for x in rows["loss"]) / len(labels),
+            "accuracy": int((predicted == labels).sum()) / len(labels), "f1": f1, "n": len(labels)}

@@ -1,12 +1,4 @@
-"""Writing a run directory: what may be started, replaced or continued, the one writer's lock, and every write.
-
-Ownership is by record: before the run creates a file or folder, its path goes into run.json's `files`, and
-`--overwrite` deletes exactly those (never following a link, the marker last), plus what WandB wrote for this run
-(its run folders, named by the WandB ids run.json records) and the scratch folder .tmp. Anything else anywhere in the
-tree is refused in one line and kept.
-"""
-
-from __future__ import annotations
+"""Writing a run directory: what may be started, replaced or continued, the one writer's lock, and every write."""
 
 import contextlib
 import json
@@ -31,6 +23,15 @@ WANDB_LINKS = ("latest-run", "debug.log", "debug-internal.log")  # links WandB m
 WANDB_RUN = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-(.+)")  # the folder WandB makes for the run of id group 1
 
 
+@contextlib.contextmanager
+def resume_advice() -> Iterator[None]:
+    """A failed write of a run says how to continue it."""
+    try:
+        yield
+    except WriteFailed as err:
+        raise WriteFailed(err.path, err.err, RESUME_ADVICE) from None
+
+
 class RunWriter(RunDir):
     def __init__(self, path: Path):
         super().__init__(path)
@@ -38,13 +39,9 @@ class RunWriter(RunDir):
         self._marker: dict = {}
         self._announced = False
 
-    # --- what may be done (read only)
-
     def check(self, cfg, mode: str, locked: bool = False) -> str:
-        """Refuses now, before anything is loaded or written, what could not be started, replaced or continued;
-        returns what will be done: start, resume or finished (--continue of a finished run). `mode` is the command
-        line's: start, resume, overwrite or continue. `locked`: this process holds the lock (the check again under it,
-        where the answer is final), or another process may (a sweep planning runs it shares)."""
+        """Refuses, before anything is loaded or written, what `mode` (start, resume, overwrite or continue) cannot
+        do; returns start, resume or finished. `locked`: this process holds the lock, so the answer is final."""
         self._refuse_foreign_folder(cfg)
         holder = "" if locked else self.holder()
         if holder:
@@ -52,10 +49,7 @@ class RunWriter(RunDir):
         if mode == "continue":
             mode = "finished" if self.is_finished() else "resume" if self.resume_points() else "overwrite"
             if mode == "finished":
-                changed = config_changes(self.saved_config(), to_plain_dict(cfg))
-                if changed:
-                    raise UserError(f"--continue: {self.path} has finished with another config (it differs in "
-                                    f"{', '.join(changed)}); give this config another name= or output_dir=")
+                self.refuse_other_config(cfg)
                 return mode
         if mode == "resume":
             if not self.is_run():
@@ -87,8 +81,7 @@ class RunWriter(RunDir):
         return "start"
 
     def _refuse_foreign_folder(self, cfg) -> None:
-        """The run directory may be written here: a folder (or one that can be made) that is writable and is this
-        project's run, or empty but for a lock, a sweep's log and the scratch folder of a marker being written."""
+        """The run directory is (or can be) a writable folder that is this project's run, or as good as empty."""
         try:
             if self.path.parent.exists() and not self.path.parent.is_dir():
                 raise UserError(f"output_dir={cfg.output_dir} is a file; choose a folder")
@@ -112,8 +105,6 @@ class RunWriter(RunDir):
             raise UserError(f"{self.path} exists and is not a run directory of this project (no {MARKER}); choose "
                             "another name= or output_dir=")
 
-    # --- what the run owns
-
     def _wholes(self) -> set[str]:
         """Folders owned with everything in them: the scratch folder, and WandB's run folders of this run's ids."""
         ids = self.marker().get("wandb_ids") or []
@@ -123,8 +114,7 @@ class RunWriter(RunDir):
         return {SCRATCH} | {f"wandb/{name}" for name, match in runs.items() if match and match[1] in ids}
 
     def foreign_entries(self) -> list[str]:
-        """Everything in the tree the run did not write (relative paths), which --overwrite would otherwise delete.
-        No link counts as the run's but those WandB makes into its own run folder; none is ever followed."""
+        """What in the tree the run did not write; of links only WandB's into its run folder count, none followed."""
         recorded, wholes = self.recorded(), self._wholes()
         foreign = []
         for root, folders, files in os.walk(self.path):
@@ -133,12 +123,12 @@ class RunWriter(RunDir):
                 rel = name if base == "." else f"{base}/{name}"
                 full = os.path.join(root, name)
                 if rel in wholes:
-                    if any(MARKER in f for _, _, f in os.walk(full)):  # another run made inside it
-                        foreign.append(rel)
+                    ours = not any(MARKER in f for _, _, f in os.walk(full))  # else another run was made inside it
                 elif os.path.islink(full):
-                    if not self._wandb_link(rel, wholes):
-                        foreign.append(rel)
-                elif rel not in recorded and rel not in (MARKER, LOCK, LOG):
+                    ours = self._wandb_link(rel, wholes)
+                else:
+                    ours = rel in recorded or rel in (MARKER, LOCK, LOG)
+                if not ours:
                     foreign.append(rel)
             folders[:] = [f for f in folders if (f if base == "." else f"{base}/{f}") not in wholes | set(foreign)
                           and not os.path.islink(os.path.join(root, f))]
@@ -159,22 +149,16 @@ class RunWriter(RunDir):
         return sorted(paths, key=lambda p: (p.name not in ("metrics.json", "history.jsonl"), -len(p.parts), str(p)))
 
     def _refuse_unremovable(self) -> None:
-        """Everything --overwrite removes can be: its folder writable, the filesystem not read-only."""
         for path in self._owned_paths():
             parent = path.parent
             read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
             if read_only or not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"--overwrite: {path} cannot be removed ({'read-only filesystem' if read_only else f'{parent} is not writable'}); "
-                                "fix that, or choose another name=")
-
-    # --- the writer
+                why = "read-only filesystem" if read_only else f"{parent} is not writable"
+                raise UserError(f"--overwrite: {path} cannot be removed ({why}); fix that, or choose another name=")
 
     @contextlib.contextmanager
     def writing(self, cfg, mode: str, split: Optional[dict] = None) -> Iterator[str]:
-        """This process is the run's only writer inside the block: it takes the lock, checks again under it (another
-        process may have just written the run) and yields what it does: resume (after checking that the data gives
-        the run's split, `split`), start (after removing what an overwritten run wrote, and writing the marker and
-        the config), or finished (--continue of a run that finished meanwhile). The lock is released at the end."""
+        """Holds the lock for the block, checks again under it and yields what it does (after doing it)."""
         self.lock = RunLock.take(self.path)
         try:
             decided = self.check(cfg, mode, locked=True)
@@ -190,9 +174,7 @@ class RunWriter(RunDir):
             self.lock = None
 
     def _start_afresh(self, cfg) -> None:
-        """Removes what an overwritten run wrote (metrics.json first, so a run cut short here is not taken for
-        finished; run.json kept to the last, so an interrupted --overwrite can be repeated), then writes the new
-        marker and the config."""
+        """metrics.json goes first, run.json never: an interrupted --overwrite is not finished, and repeatable."""
         for path in self._owned_paths():
             try:
                 if path.is_dir() and not path.is_symlink():
@@ -202,14 +184,14 @@ class RunWriter(RunDir):
             except OSError as err:
                 raise WriteFailed(path, err, "repeat the command", verb="remove") from None
         self.scratch.mkdir(exist_ok=True)
-        self._marker = {"project": PROJECT_NAME, "id": secrets.token_hex(8), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "wandb_ids": [secrets.token_hex(6)], "files": [SCRATCH]}
+        self._marker = {"project": PROJECT_NAME, "id": secrets.token_hex(8),
+                        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "wandb_ids": [secrets.token_hex(6)],
+                        "files": [SCRATCH]}
         self._write_marker()
         self.write_file("config.yaml", yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
 
     def check_writer(self) -> None:
-        """Before every write: the lock this process holds is still the run's (nobody removed or replaced the
-        folder or its .lock, which would let a second process start writing too)."""
+        """Before every write: nobody replaced the folder or its .lock, which would let a second writer in."""
         if self.lock is not None and not self.lock.intact():
             raise WriterReplaced(self.path / LOCK)
         if self.lock is not None and not self._announced:
@@ -217,14 +199,13 @@ class RunWriter(RunDir):
             self._announced = True
 
     def record(self, *paths: str) -> None:
-        """Adds paths (relative) to the run's record before they are created: what --overwrite may remove."""
+        """Paths go into run.json before they are created: --overwrite deletes only what the run recorded."""
         new = set(paths) - set(self._marker["files"])
         if new:
             self._marker["files"] = sorted(set(self._marker["files"]) | new)
             self._write_marker()
 
     def forget(self, *paths: str) -> None:
-        """Drops removed paths from the record (old resume points), keeping run.json small."""
         self._marker["files"] = sorted(set(self._marker["files"]) - set(paths))
         self._write_marker()
 
@@ -238,8 +219,7 @@ class RunWriter(RunDir):
         self._write(self.path / MARKER, json.dumps(self._marker, indent=1) + "\n")
 
     def folder(self, rel: str) -> Path:
-        """A folder of the run (recorded, made if needed), refused when it, or one above it in the run, is a link:
-        the run never writes through a link to somewhere else."""
+        """A folder of the run, recorded and made if needed; never one reached through a link."""
         parts = Path(rel).parts
         for i in range(1, len(parts) + 1):
             sub = "/".join(parts[:i])
@@ -252,9 +232,7 @@ class RunWriter(RunDir):
 
     def write_file(self, rel: str, data: bytes | str) -> str:
         self.check_writer()
-        parent = os.path.dirname(rel)
-        if parent:
-            self.folder(parent)
+        self.folder(os.path.dirname(rel))
         self.record(rel)
         return self._write(self.path / rel, data)
 
@@ -263,32 +241,25 @@ class RunWriter(RunDir):
 
     def _write(self, path: Path, data: bytes | str) -> str:
         self.scratch.mkdir(exist_ok=True)
-        try:
+        with resume_advice():
             return write_file(path, data, self.scratch)
-        except WriteFailed as err:
-            raise WriteFailed(err.path, err.err, RESUME_ADVICE) from None
 
     def append_history(self, step: int, values: dict) -> None:
         self.check_writer()
         self.record("history.jsonl")
-        try:
+        with resume_advice():
             append_line(self.history_path, history_line(step, values, time.time()))
-        except WriteFailed as err:
-            raise WriteFailed(err.path, err.err, RESUME_ADVICE) from None
 
     def write_predictions(self, split: str, rows: dict, texts: list[str], max_length: int) -> None:
         self.write_file(f"predictions/{split}.csv", predictions_csv(rows, texts, max_length))
 
     def write_model_parts(self, save) -> None:
-        """model/: `save(folder)` writes the encoder config and tokenizer, into a scratch folder renamed into place."""
         self.check_writer()
         self.scratch.mkdir(exist_ok=True)
         try:
-            with write_folder(self.model_dir, self.scratch) as tmp:
+            with resume_advice(), write_folder(self.model_dir, self.scratch) as tmp:
                 save(tmp)
                 self.record("model", *(f"model/{p.name}" for p in tmp.iterdir()))
-        except WriteFailed as err:
-            raise WriteFailed(err.path, err.err, RESUME_ADVICE) from None
         except Exception as err:  # the tokenizers library raises a bare Exception "... (os error N)" for I/O errors
             code = re.search(r"\(os error (\d+)\)", str(err))
             if code is None:
@@ -296,15 +267,12 @@ class RunWriter(RunDir):
             raise WriteFailed(self.model_dir, OSError(int(code[1]), os.strerror(int(code[1]))), RESUME_ADVICE) from None
 
     def save_checkpoints(self, weights: Path, sha256: str, best: bool) -> None:
-        """last.safetensors, and best.safetensors when this validation is the best: the resume point's weights file
-        `weights`, linked."""
         self.link(weights, "checkpoints/last.safetensors", sha256)
         if best:
             self.link(weights, "checkpoints/best.safetensors", sha256)
 
     def link(self, source: Path, rel: str, sha256: str) -> None:
-        """`rel` (a checkpoint) becomes the same bytes as `source` (a resume point's weights): a hard link, so the
-        weights are on disk once, or a copy where links fail; then read back and verified."""
+        """`rel` becomes `source`'s bytes: a hard link (on disk once), or a copy where links fail; then verified."""
         self.check_writer()
         self.record(rel)
         target = self.path / rel

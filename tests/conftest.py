@@ -18,10 +18,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"
-IMDB = SHARED_DATA / "imdb"
-ACLIMDB_SAMPLE = SHARED_DATA / "aclImdb-sample" / "aclImdb"
+IMDB = Path(os.environ.get("IMDB_DATA", SHARED_DATA / "imdb"))  # a copy of stanfordnlp/imdb's parquet files
+ACLIMDB_SAMPLE = Path(os.environ.get("ACLIMDB_DATA", SHARED_DATA / "aclImdb-sample")) / "aclImdb"
 
-needs_imdb = pytest.mark.skipif(not IMDB.is_dir(), reason=f"real IMDB data not found at {IMDB} (only in the dev sandbox)")
+needs_imdb = pytest.mark.skipif(not IMDB.is_dir(), reason=f"real IMDB data not found at {IMDB}: set IMDB_DATA to a "
+                                "copy of stanfordnlp/imdb to run the tests on it")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -190,6 +191,23 @@ for line in sys.stdin:
     os.environ.update(request["env"])
     if "OMP_NUM_THREADS" in request["env"]:
         torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+    if request.get("kill_at"):  # SIGKILL aimed at the n-th time the run does something
+        from imdb_grad_accum import loop, resume
+        what, n, signum = (*request["kill_at"], signal.SIGKILL)[:3]
+        owner, name = {"step": (loop.TrainingState, "step_done"), "validation": (loop.Records, "validate"),
+                       "point": (resume.ResumePoints, "save"), "test": (loop.Records, "test")}[what]
+        real, calls, as_it_starts = getattr(owner, name), [], what in ("validation", "test")
+
+        def killing(*args, **kwargs):
+            calls.append(1)
+            if as_it_starts and len(calls) == n:
+                os.kill(os.getpid(), signum)
+            result = real(*args, **kwargs)
+            if not as_it_starts and len(calls) == n:
+                os.kill(os.getpid(), signum)
+            return result
+
+        setattr(owner, name, killing)
     sys.argv = [request["entry"], *request["argv"]]
     code = 1
     try:
@@ -254,9 +272,12 @@ class ForkServer:
         self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, cwd=PROJECT, env=env)
 
-    def start(self, entry: str, argv: list[str], processes: int = 1, env: dict | None = None) -> Forked:
+    def start(self, entry: str, argv: list[str], processes: int = 1, env: dict | None = None,
+              kill_at: tuple | None = None) -> Forked:
         """`entry` is exp1, exp2 or accelerate; with processes > 1, one forked process per rank, as torchrun would
-        start them (gloo on the CPU)."""
+        start them (gloo on the CPU). `kill_at` (what, n[, signal]): SIGKILL (or the signal) at the n-th time the run
+        does something: right after optimizer step n ("step") or resume point n is saved ("point", before the
+        checkpoints are linked to it), or as validation n or the test starts ("validation", "test")."""
         import json
         import socket
 
@@ -273,7 +294,7 @@ class ForkServer:
             self.count += 1
             log = self.folder / f"run{self.count}.log"
             self.process.stdin.write(json.dumps({"entry": entry, "argv": [str(a) for a in argv], "log": str(log),
-                                                 "env": {**(env or {}), **rank_env}}) + "\n")
+                                                 "env": {**(env or {}), **rank_env}, "kill_at": kill_at}) + "\n")
             self.process.stdin.flush()
             pids.append(int(self.process.stdout.readline()))
             logs.append(log)

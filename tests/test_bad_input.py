@@ -39,6 +39,8 @@ CASES = {
     "misspelled section": ("exp1", ["trian.lr=1e-4"], "unknown config key 'trian'; did you mean 'train'?"),
     "wrong type": ("exp1", ["train.batch_size=big"], "train.batch_size: Value 'big'"),
     "zero size": ("exp1", ["train.batch_size=0"], "train.batch_size=0 must be a positive integer"),
+    "zero epochs": ("exp1", ["train.epochs=0"], "train.epochs=0 must be a positive integer"),
+    "an unknown pooling": ("exp1", ["model.pooling=max"], "model.pooling='max' is not one of mean, cls"),
     "negative size": ("exp1", ["data.max_length=-5"], "data.max_length=-5 must be a positive integer"),
     "unknown choice": ("exp1", ["train.scheduler=exponential"], "train.scheduler='exponential' is not one of"),
     "two split weights": ("exp1", ["data.split=[9,1]"], "must be three positive train:validation:test weights"),

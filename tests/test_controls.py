@@ -76,19 +76,28 @@ def _window(tiny, tmp_path, packed: bool):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
-def test_activation_checkpointing_gives_the_same_gradients(fixture, packed, request, tmp_path, reviews_dir):
+def test_activation_checkpointing_recomputes_the_layers_and_gives_the_same_gradients(fixture, packed, request,
+                                                                                     tmp_path, reviews_dir):
+    """The encoder's layers run again in the backward pass (forward calls double), and the gradients are those of a
+    plain step."""
+    from imdb_grad_accum.model import encoder_layers
+
     (tmp_path / "cfg").mkdir()
     model, batch = _window(request.getfixturevalue(fixture), tmp_path / "cfg", packed)
     checkpointed = copy.deepcopy(model)
     checkpoint_activations(checkpointed)
-    assert checkpointed.encoder.is_gradient_checkpointing
-    grads = []
+    grads, calls = [], []
     for m in (model, checkpointed):
         m.train()
+        count = [0]
+        inside = next(encoder_layers(m)[0].children())  # a module inside the first layer: run again if recomputed
+        inside.register_forward_pre_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         stepper = Stepper(m, torch.optim.SGD(m.parameters(), lr=0.0), None, torch.device("cpu"), "fp32",
                           train_config(max_grad_norm=None))
         stepper.forward_backward(batch)
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        calls.append(count[0])
+    assert calls == [1, 2]
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert torch.allclose(grads[1][name], g, atol=1e-5, rtol=1e-5), name

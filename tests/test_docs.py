@@ -3,6 +3,8 @@ overrides (--print-config), a sweep command plans its study (every config, grid 
 nothing trained), and the other commands answer --help. Shell variables set in the same block are expanded. No page
 points at this machine's own data."""
 
+import itertools
+import math
 import re
 import shlex
 import sys
@@ -84,9 +86,14 @@ def test_every_command_in_the_readme_and_docs_runs_as_written(page, words, tmp_p
                 planned.append(job)
 
         monkeypatch.setattr(sweep, "run_study", plan_only)
-        monkeypatch.setattr(sweep, "check_devices", lambda devices, launcher: devices.split(",") if devices else [])
+        monkeypatch.setattr("imdb_grad_accum.device.visible_devices", lambda devices: devices.split(","))
         sweep.main(args)
-        assert planned, "the sweep planned no run"
+        grids = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--grid"]
+        seeds = next((len(list(itertools.takewhile(str.isdigit, args[i + 1:]))) for i, a in enumerate(args)
+                      if a == "--seeds"), 1)
+        configs = [a for i, a in enumerate(args) if a.endswith(".yaml") and args[i - 1] != "--comparisons"]
+        assert len(planned) == len(configs) * math.prod(len(sweep.split_values(g.split("=", 1)[1])) for g in grids) \
+            * seeds, [str(job.path) for job in planned]
     elif script.startswith("imdb-"):  # results, evaluate, predict, export: in this process
         import importlib
 

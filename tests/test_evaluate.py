@@ -96,8 +96,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, two_runs, tmp_pat
     argv, message = {
         "no text column": ([run, "--data", tmp_path / "nocolumn.csv"], "lacks column(s) text"),
         "labels that are not 0/1": ([run, "--data", tmp_path / "stars.csv"], "has label 5 at row 0"),
-        "an empty file": ([run, "--data", tmp_path / "empty.csv"], "empty.csv"),
-        "no best checkpoint": ([unfinished, "--data", data], "best.safetensors"),
+        "an empty file": ([run, "--data", tmp_path / "empty.csv"], "empty.csv holds no reviews"),
+        "no best checkpoint": ([unfinished, "--data", data], "best.safetensors is damaged, replaced or missing"),
         "a split the data lacks": ([run, "--data", data, "--split", "validation"], "has the split(s) train, test"),
         "not a run": ([tmp_path, "--data", data], "is not a run directory of this project"),
     }[case]
@@ -108,3 +108,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, two_runs, tmp_pat
     assert exit_info.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_holding_a_users_file_is_refused_and_kept(two_runs, tmp_path, monkeypatch, capfd):
+    run, _, data = two_runs
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    monkeypatch.setattr(sys, "argv", ["evaluate", str(run), "--data", str(data), "--out", str(mine)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate.main)
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 2 and out == "" and err.count("\n") == 1
+    assert "holds what imdb-evaluate did not write (notes.txt)" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"

@@ -1,4 +1,4 @@
-"""A trained model leaves the project: exp_1/export.py writes a standard HF model folder that loads, in a fresh
+"""A trained model leaves the project: imdb-export writes a standard HF model folder that loads, in a fresh
 process that never imports this project and with the hub offline, through AutoModelForSequenceClassification,
 AutoTokenizer and pipeline, and gives predict.py's probabilities; its model card parses and states the interval."""
 
@@ -14,6 +14,7 @@ import pytest
 from conftest import synthetic_reviews, tiny_config, write_reviews
 from imdb_grad_accum import export, predict
 from imdb_grad_accum.cli import run_cli
+from imdb_grad_accum.errors import UserError
 from exp_1 import main as exp1
 
 LONG = "the plot was clumsy and the acting tedious, " * 30 + "but the ending is wonderful and moving."
@@ -35,7 +36,8 @@ with torch.no_grad():
 classify = pipeline("text-classification", model=folder, trust_remote_code=True)
 open(out, "w").write(json.dumps({"direct": dict(zip(short, direct)), "pipeline": classify(texts),
                   "model_max_length": tokenizer.model_max_length, "truncation_side": tokenizer.truncation_side,
-                  "imported_project": any(name.split(".")[0] in ("exp_1", "exp_2") for name in sys.modules)}))
+                  "imported_project": any(name.split(".")[0] in ("exp_1", "exp_2", "imdb_grad_accum")
+                                          for name in sys.modules)}))
 """
 
 
@@ -126,20 +128,27 @@ def test_overwrite_replaces_only_a_previous_export(finished_runs, tmp_path):
     assert (out / "model.safetensors").read_bytes() != first and json.loads((out / "config.json").read_text())[
         "pooling"] == "cls"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    (out / "my_notes.md").write_text("mine")  # now it is more than an export: never replaced
+    with pytest.raises(UserError, match="is not a previous export of this project"):
+        export.main([str(finished_runs["bert"]), str(out), "--overwrite"])
+    assert (out / "my_notes.md").read_text() == "mine" and json.loads((out / "config.json").read_text())[
+        "pooling"] == "cls"
 
 
-def _bad(argv, monkeypatch, capsys) -> tuple[int, str]:
+def _bad(argv, monkeypatch, capsys, exported: bool = False) -> tuple[int, str]:
+    """The one line of a refusal (nothing else printed), or of a push that failed after the export (`exported`)."""
     monkeypatch.setattr(sys, "argv", ["export.py", *map(str, argv)])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(export.main)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1, err
+    out, err = capsys.readouterr()
+    assert out == (f"exported {argv[0]} to {argv[1]}\n" if exported else "") and err.count("\n") == 1, (out, err)
+    assert err.startswith("stopped: " if exported else "error: "), err
     return exit_info.value.code, err
 
 
 @pytest.mark.parametrize("case", ["unfinished run", "damaged best checkpoint", "out not empty",
                                   "overwrite of a folder that is no export", "out is a file", "out not writable",
-                                  "not a run"])
+                                  "not a run", "a hub repo id that is not one"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, finished_runs, tmp_path, monkeypatch, capsys):
     run = finished_runs["bert"]
     copy = tmp_path / "copy"
@@ -162,13 +171,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, finished_runs, tm
     if case == "not a run":
         (copy / "run.json").unlink()
     before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
-    argv = [copy, out] + (["--overwrite"] if case == "overwrite of a folder that is no export" else [])
+    argv = [copy, out] + (["--overwrite"] if case == "overwrite of a folder that is no export" else []) + (
+        ["--push-to-hub", "bad repo id!!"] if case == "a hub repo id that is not one" else [])
     code, err = _bad(argv, monkeypatch, capsys)
     expected = {"unfinished run": "has not finished training", "damaged best checkpoint": "is damaged or replaced",
                 "out not empty": "exists and is not empty; pass --overwrite",
                 "overwrite of a folder that is no export": "is not a previous export of this project",
                 "out is a file": "is a file; give a folder", "out not writable": "is not a writable folder",
-                "not a run": "is not a run directory of this project"}[case]
+                "not a run": "is not a run directory of this project",
+                "a hub repo id that is not one": "--push-to-hub 'bad repo id!!' is not a hub repo id"}[case]
     assert code == 2 and expected in err, err
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
@@ -176,10 +187,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, finished_runs, tm
 def test_push_to_the_hub_offline_is_one_line_and_keeps_the_export(finished_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)  # a token, but no network: HF_HUB_OFFLINE is set by conftest
     out = tmp_path / "exported"
-    code, err = _bad([finished_runs["bert"], out, "--push-to-hub", "someone/imdb-tiny"], monkeypatch, capsys)
+    code, err = _bad([finished_runs["bert"], out, "--push-to-hub", "someone/imdb-tiny"], monkeypatch, capsys, True)
     assert code == 1 and "cannot push to the hub" in err and f"the export in {out} is kept" in err, err
     assert (out / "model.safetensors").is_file()
     monkeypatch.delenv("HF_TOKEN")  # and no `hf auth login` on this machine
     code, err = _bad([finished_runs["bert"], tmp_path / "again", "--push-to-hub", "someone/imdb-tiny"], monkeypatch,
-                     capsys)
+                     capsys, True)
     assert code == 1 and "no Hugging Face token" in err and (tmp_path / "again" / "config.json").is_file(), err

@@ -41,14 +41,18 @@ def test_token_type_ids_reach_bert_only(tiny_bert, tiny_modernbert):
         assert not torch.allclose(bert(ids, mask, torch.zeros_like(ids)), bert(ids, mask, torch.ones_like(ids)))
 
 
-def test_encoder_dropout_overrides_every_dropout_probability(tiny_bert, tiny_modernbert):
-    _, bert = _load(tiny_bert, encoder_dropout=0.0)
-    assert bert.encoder.config.hidden_dropout_prob == 0.0 and bert.encoder.config.attention_probs_dropout_prob == 0.0
-    _, modernbert = _load(tiny_modernbert, encoder_dropout=0.2)
-    config = modernbert.encoder.config
-    assert config.embedding_dropout == config.attention_dropout == config.mlp_dropout == 0.2
-    _, kept = _load(tiny_bert)
-    assert kept.encoder.config.hidden_dropout_prob == 0.1
+def _dropout_in_the_modules(model) -> set[float]:
+    """The probabilities the encoder's modules apply: nn.Dropout layers, and ModernBERT's attention, which applies
+    its own `attention_dropout` in the attention function."""
+    found = {m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)}
+    return found | {m.attention_dropout for m in model.encoder.modules() if isinstance(getattr(m, "attention_dropout",
+                                                                                             None), float)}
+
+
+def test_encoder_dropout_sets_every_dropout_the_encoder_applies(tiny_bert, tiny_modernbert):
+    assert _dropout_in_the_modules(_load(tiny_bert, encoder_dropout=0.0)[1]) == {0.0}
+    assert _dropout_in_the_modules(_load(tiny_modernbert, encoder_dropout=0.2)[1]) == {0.2}
+    assert _dropout_in_the_modules(_load(tiny_bert)[1]) == {0.1}  # null keeps the checkpoint's
 
 
 def test_minilm_resolves_to_the_packaged_copy():
@@ -63,15 +67,17 @@ def test_unreachable_hub_model_is_a_user_error():
         _load("no-such-org/no-such-model")
 
 
-def test_attention_dropout_overrides_only_attention(tiny_bert, tiny_modernbert):
-    _, bert = _load(tiny_bert, attention_dropout=0.0)
-    assert bert.encoder.config.attention_probs_dropout_prob == 0.0 and bert.encoder.config.hidden_dropout_prob == 0.1
-    _, modernbert = _load(tiny_modernbert, attention_dropout=0.3)
-    assert modernbert.encoder.config.attention_dropout == 0.3 and modernbert.encoder.config.mlp_dropout == 0.0
+def test_attention_dropout_changes_only_attention(tiny_bert, tiny_modernbert):
+    bert = _load(tiny_bert, attention_dropout=0.0)[1]
+    attention = {m.dropout.p for m in bert.encoder.modules() if type(m).__name__.endswith("SelfAttention")}
+    assert attention == {0.0} and 0.1 in _dropout_in_the_modules(bert)  # the hidden-state dropout stays
+    modernbert = _load(tiny_modernbert, attention_dropout=0.3)[1]
+    assert _dropout_in_the_modules(modernbert) == {0.0, 0.3}
 
 
 def test_training_runs_with_the_encoder_dropout_on(tmp_path, tiny_bert, reviews_dir, monkeypatch):
-    """from_pretrained hands the encoder back in eval mode; every training step must run it in train mode."""
+    """from_pretrained hands the encoder back in eval mode; every training step must run it in train mode, so that
+    its dropout (0.1, the checkpoint's) is on."""
     from conftest import tiny_config
     from exp_1 import main as exp1
     from imdb_grad_accum.training import Stepper
@@ -84,5 +90,6 @@ def test_training_runs_with_the_encoder_dropout_on(tmp_path, tiny_bert, reviews_
         return real(self, batch)
 
     monkeypatch.setattr(Stepper, "forward_backward", spy)
-    exp1.main(["--config", str(tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 2}))])
-    assert modes and all(modes)
+    exp1.main(["--config", str(tiny_config(tmp_path, tiny_bert, reviews_dir, train={"epochs": 2},
+                                           model={"encoder_dropout": None}))])
+    assert len(modes) == 2 * 23 and all(modes)

@@ -106,17 +106,44 @@ SOAKED = {"exp1": ["train.batch_size=4"], "exp2": ACCUMULATE, "accelerate x2": A
 CONTROLS = ["train.eval_every_steps=15", "train.early_stopping_patience=2"]  # mid-epoch validations, early stop
 
 
-@pytest.mark.parametrize("script, kills", [("exp1", 3), pytest.param("exp1", 20, marks=pytest.mark.slow),
-                                           pytest.param("exp2", 20, marks=pytest.mark.slow),
-                                           pytest.param("accelerate x2", 20, marks=pytest.mark.slow)])
-def test_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterrupted_run(script, kills, workspace,
-                                                                                        fork_server):
+def test_kills_aimed_at_training_a_validation_a_point_and_the_test_each_resumed_end_exactly(workspace, fork_server):
+    """SIGKILL where a kill hurts, aimed by what the run has done: after an optimizer step mid-epoch, as a mid-epoch
+    validation starts, right after an epoch's resume point is written (before last/best are linked to it), and as
+    the test starts; each time --resume must resume (it says so) and the run ends exactly like an uninterrupted one,
+    with validations every 15 steps and early stopping on. Sabotage: a resume point that omits the scheduler, the
+    RNG, the position in the data order or the early-stopping count, or that skips restoring last/best."""
+    config, runs, whole = workspace
+    extra = SOAKED["exp1"] + CONTROLS
+    reference = whole("exp1", tuple(extra))
+    assert json.loads((reference / "metrics.json").read_text())["stopped_early_at"], "early stopping never happened"
+    run = runs / "aimed"
+    # 45 steps an epoch; validations at 15, 30, 45 (the epoch's end), 60, 75 (early stop); points every 2 steps.
+    # Killed after step 7; as validation 30 starts (resumed from 6); right after the point of step 45, the 9th
+    # saved after resuming from 28; as the test starts (resumed from 44 or 45).
+    for n, (kill_at, newest) in enumerate([(("step", 7), 6), (("validation", 2), 28), (("point", 9), 45),
+                                           (("test", 1), 75)]):
+        process = fork_server.start("exp1", ["--config", config, f"name={run.name}", *(["--resume"] if n else []),
+                                             *extra], kill_at=kill_at)
+        code, output = process.wait()
+        assert code is None, f"{kill_at}: the run was not killed\n" + output[-3000:]
+        assert not n or "resuming" in output, output[-3000:]
+        assert _newest_point(run)["step"] == newest, kill_at
+    code, output = fork_server.start("exp1", ["--config", config, f"name={run.name}", "--resume", *extra]).wait()
+    assert code == 0 and "resuming" in output, output[-3000:]
+    _same_results(reference, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["exp1", "exp2", "accelerate x2"])
+def test_20_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterrupted_run(script, workspace,
+                                                                                          fork_server):
     """SIGKILL at random moments (training, a resume point or checkpoint write, a validation mid-epoch or at an
     epoch's end, the test), each time followed by the same command with --resume (or afresh while no resume point
     exists yet), with validations every 10 steps and early stopping on. Accelerate's two processes are killed
     together, as a pre-empted machine would be."""
     config, runs, whole = workspace
-    extra = SOAKED[script] + CONTROLS + (["train.epochs=4"] if kills > 3 else [])  # room for 20 kills
+    kills = 20
+    extra = SOAKED[script] + CONTROLS + ["train.epochs=4"]  # room for 20 kills
     reference = whole(script, tuple(extra))
     assert json.loads((reference / "metrics.json").read_text())["stopped_early_at"], "early stopping never happened"
     run = runs / f"soak_{script.replace(' ', '')}_{kills}"
@@ -146,18 +173,15 @@ def test_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterrupt
 def test_sigterm_saves_a_resume_point_exits_143_and_resumes_exactly(workspace, fork_server):
     config, runs, whole = workspace
     run = runs / "terminated"
-    started = time.time()
     extra = SOAKED["exp1"] + CONTROLS  # the soak's: its uninterrupted run serves both
-    process = _fork(fork_server, "exp1", config, f"name={run.name}", *extra)
-    _wait_until_training(process, run, started)
-    time.sleep(0.3)
-    os.kill(process.pid, signal.SIGTERM)
+    process = fork_server.start("exp1", ["--config", config, f"name={run.name}", *extra],
+                                kill_at=("step", 10, signal.SIGTERM))  # seen at step 10's log
     code, output = process.wait(60)
     assert code == 143, output[-3000:]
     stopped = [line for line in output.splitlines() if line.startswith("stopped: ")]
     assert len(stopped) == 1 and "terminated (SIGTERM) after optimizer step" in stopped[0] and "Traceback" not in output
     step = int(stopped[0].split("optimizer step ")[1].split(";")[0])
-    assert _newest_point(run)["step"] == step  # saved where it stopped, not at the last every_steps point
+    assert step == 10 and _newest_point(run)["step"] == 10  # a resume point where it stopped
     _finished(_fork(fork_server, "exp1", config, f"name={run.name}", "--resume", *extra))
     _same_results(whole("exp1", tuple(extra)), run)
 
@@ -165,13 +189,13 @@ def test_sigterm_saves_a_resume_point_exits_143_and_resumes_exactly(workspace, f
 def test_ctrl_c_is_one_line_with_exit_130(workspace, fork_server):
     config, runs, _ = workspace
     run = runs / "interrupted"
-    started = time.time()
-    process = _fork(fork_server, "exp1", config, f"name={run.name}")
-    _wait_until_training(process, run, started)
-    process.signal(signal.SIGINT)  # what the terminal sends its foreground processes on Ctrl-C
+    process = fork_server.start("exp1", ["--config", config, f"name={run.name}"],
+                                kill_at=("step", 3, signal.SIGINT))  # what a terminal sends on Ctrl-C
     code, output = process.wait(60)
-    assert code == 130
-    assert "Traceback" not in output and "interrupted (Ctrl-C)" in output and "--resume" in output
+    ending = "interrupted (Ctrl-C): what was saved is kept; continue with the same command and --resume (or start " \
+             "again if no resume point was saved yet)"
+    assert code == 130 and output.strip().splitlines()[-1] == ending, output[-3000:]
+    assert output.count("interrupted") == 1 and "Traceback" not in output
 
 
 @pytest.mark.slow
@@ -233,7 +257,7 @@ def test_a_stopped_peer_process_ends_a_two_process_run_within_the_peer_timeout(w
             os.kill(pid, signal.SIGKILL)
     print(f"the run ended {time.time() - stopped_at:.0f} s after a peer stopped (peer_timeout 10 s)")
     assert process.returncode != 0
-    assert "another process of this run stopped answering" in err and "continue with --resume" in err
+    assert "a process of this run failed or stopped answering" in err and "continue with --resume" in err
 
 
 @pytest.mark.slow
@@ -259,7 +283,7 @@ def test_a_killed_launcher_takes_its_training_processes_with_it(workspace, fork_
 def test_a_killed_sweep_takes_its_run_with_it_and_its_rerun_resumes_exactly(workspace):
     config, runs, whole = workspace
     run = runs / "swept"
-    sweep = [sys.executable, str(PROJECT / "exp_1" / "sweep.py"), str(config), f"name={run.name}",
+    sweep = [sys.executable, "-m", "imdb_grad_accum.sweep", str(config), f"name={run.name}",
              "train.batch_size=4", "--out", str(runs.parent / "results")]
     started = time.time()
     process = subprocess.Popen(sweep, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -436,12 +460,12 @@ def test_a_half_written_resume_point_is_ignored(stopped):
 def test_a_kill_between_the_epoch_point_and_the_best_checkpoint_is_repaired(workspace, stopped_run, monkeypatch):
     config, runs, _ = workspace
     reference = stopped_run[1]
-    from imdb_grad_accum.rundir import RunDir as Dir
+    from imdb_grad_accum.writer import RunWriter
 
-    def killed_before_writing(self, weights, best):
+    def killed_before_writing(self, *args):
         raise KeyboardInterrupt("simulated kill after the epoch's resume point")
 
-    monkeypatch.setattr(Dir, "save_checkpoints", killed_before_writing)
+    monkeypatch.setattr(RunWriter, "save_checkpoints", killed_before_writing)
     with pytest.raises(KeyboardInterrupt):
         exp2.main(["--config", str(config), "name=unwritten_best", *STOPPED])
     monkeypatch.undo()

@@ -52,7 +52,8 @@ def test_a_damaged_best_checkpoint_is_refused_by_predict_load_run_and_results(fi
 
     copy = tmp_path / "run"
     shutil.copytree(finished_run[1], copy)
-    assert predict.main([str(copy), "good"])  # intact: it answers
+    [(label, probability)] = predict.main([str(copy), "good"])  # intact: it answers
+    assert label in ("negative", "positive") and 0.5 <= probability <= 1
     _damage(copy / "checkpoints" / "best.safetensors")
     code, err = _one_line(predict.main, [copy, "A fine film."], monkeypatch, capsys)
     assert code == 2 and "best.safetensors is damaged or replaced" in err
@@ -91,7 +92,9 @@ def test_results_refuse_files_with_values_of_the_wrong_type(finished_run, tmp_pa
         results.main([str(copy), "--out", str(tmp_path / "out")])
 
 
-def test_an_interrupted_overwrite_can_be_repeated_and_deletes_nothing_foreign(finished_run, tmp_path, monkeypatch):
+def test_an_interrupted_overwrite_can_be_repeated(finished_run, tmp_path, monkeypatch):
+    """Killed midway through removing what the run wrote, --overwrite keeps run.json (its record) to the last, so the
+    same command repairs the run; what else may be in the tree is test_ownership.py's."""
     config, run = finished_run
     runs = tmp_path / "runs"
     shutil.copytree(run, runs / "tiny")

@@ -3,7 +3,6 @@ own protobuf types: metric axes, the derived config, per-step train rows, identi
 --resume, the environment switches, and no secret in any file."""
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -137,12 +136,8 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_with_every_step_once(tmp_path
     config = tiny_config(tmp_path, tiny_bert, reviews_dir, tracking={"wandb_mode": "offline"},
                          checkpoint={"every_steps": 3}, train={"epochs": 1, "batch_size": 4})
     run = tmp_path / "runs" / "tiny"
-    first = fork_server.start("exp1", ["--config", config])
-    while first.running() and len(RunDir(run).resume_points()) < 2:
-        time.sleep(0.005)
-    time.sleep(0.2)  # past the newest point: steps after it were logged, and will be trained again
-    first.signal(signal.SIGKILL)
-    first.wait()
+    # killed after step 8, past the newest point (step 6): steps 7 and 8 were logged, and will be trained again
+    assert fork_server.start("exp1", ["--config", config], kill_at=("step", 8)).wait()[0] is None
     code, output = fork_server.start("exp1", ["--config", config, "--resume"]).wait()
     assert code == 0, output[-3000:]
     # the killed process's offline file holds what it flushed (often nothing); the resumed run's file replaces it
