@@ -207,8 +207,6 @@ def train(cfg: DictConfig, mode: str = "start") -> dict:
     return metrics
 
 
-
-
 def leave_together(accelerator) -> None:
     """After the last collective, the first process (which hosts the rendezvous store) waits until every other
     process has returned from it before it tears down: gloo may still be delivering its last message when a barrier

@@ -127,6 +127,24 @@ def comparison_section(rows: list[Row], made: list[Comparison], skipped: list[st
     return text
 
 
+def add_arguments(parser) -> None:
+    """The comparisons a results table makes, as imdb-results and imdb-sweep take them."""
+    group = parser.add_argument_group("comparisons in the results tables (give them one way)")
+    group.add_argument("--baseline", metavar="ROW", help="compare every other row with this one only")
+    group.add_argument("--compare", action="append", default=[], metavar='"A vs B"',
+                       help="a comparison to make (repeatable)")
+    group.add_argument("--comparisons", type=Path, metavar="FILE",
+                       help="a study's planned comparisons (YAML: baseline: ROW, or compare: [\"A vs B\", ...])")
+
+
+def chosen(args) -> tuple[Optional[str], list[str]]:
+    """The baseline and the "A vs B" pairs asked for, given one way: --baseline, --compare or --comparisons."""
+    baseline, pairs = read_comparisons(args.comparisons)
+    if sum(bool(x) for x in (args.baseline, args.compare, baseline or pairs)) > 1:
+        raise UserError("give the comparisons one way: --baseline, --compare or --comparisons")
+    return args.baseline or baseline, args.compare or pairs
+
+
 def read_comparisons(path: Optional[Path]) -> tuple[Optional[str], list[str]]:
     """A study's declared comparisons: a YAML file with `baseline: ROW` or `compare: ["A vs B", ...]`."""
     if path is None:

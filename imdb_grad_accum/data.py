@@ -14,11 +14,12 @@ from transformers import PreTrainedTokenizerBase
 
 from imdb_grad_accum.errors import UserError, first_line
 from imdb_grad_accum.imdb_sentiment import head_tokens, keep_ends
+from imdb_grad_accum.rundir import LABELS
 
 SOURCE_SPLITS = ("train", "test")  # combined in this order; the hub's `unsupervised` split has no labels
 DATA_FILES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ACLIMDB_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
-LABEL_NAMES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}  # case-insensitive
+LABEL_NAMES = {"0": 0, "1": 1, "neg": 0, "pos": 1, **{name: i for i, name in enumerate(LABELS)}}  # case-insensitive
 LONG_REVIEW = 50_000  # characters: a longer review is tokenised in pieces of about this size (`_in_pieces`)
 WORD_END = re.compile(r"(?<=\S)\s")
 

@@ -30,7 +30,7 @@ from imdb_grad_accum import stats
 from imdb_grad_accum.cli import command_parser, run_cli
 from imdb_grad_accum.errors import UserError
 from imdb_grad_accum.files import write_folder
-from imdb_grad_accum.rundir import MARKER, RunDir, check_finished, parse_predictions, predictions_csv
+from imdb_grad_accum.rundir import RunDir, check_finished, parse_predictions, predictions_csv, refuse_inside_a_run
 
 OWN_FILES = {"README.md", "confusion.png", "accuracy_by_length.png", "calibration.png"}
 RUN_FILES = {"metrics.json", "predictions.csv", "seen_predictions.csv"}
@@ -125,9 +125,7 @@ def main(argv=None) -> Path:
         raise UserError(f"--batch-size={args.batch_size} must be a positive integer")
     data_name = re.sub(r"[^\w.-]+", "-", Path(args.data.rstrip("/")).name) or "data"
     out = args.out or Path(os.path.commonpath([str(r.resolve().parent) for r in args.runs])) / f"evaluation-{data_name}"
-    inside = next((p for p in (out, *out.resolve().parents) if (p / MARKER).is_file()), None)
-    if inside is not None:
-        raise UserError(f"--out {out} is inside the run directory {inside}; write the evaluation outside any run")
+    refuse_inside_a_run(out, "the evaluation")
     foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
                and not (p.is_dir() and {q.name for q in p.iterdir()} <= RUN_FILES)] if out.is_dir() else []
     if foreign or (out.exists() and not out.is_dir()):

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from imdb_grad_accum import stats
 from imdb_grad_accum.config import trained_config
+from imdb_grad_accum.rundir import LABELS
 
 LENGTH_EDGES = [0, 128, 256, 512, 1024]  # token-count bins of the accuracy-by-length analysis (plus each max_length)
 MIN_BIN_REVIEWS = 10  # the length plot leaves out bins with fewer reviews (the table has them all)
@@ -138,8 +139,8 @@ def confusion_plot(rows: list, confusions: dict) -> bytes:
         for (t, p), count in np.ndenumerate(counts):
             color = "white" if count > counts.max() / 2 else "black"
             axes.text(p, t, str(count), ha="center", va="center", color=color)
-        axes.set(title=row.name[:40], xticks=[0, 1], yticks=[0, 1], xticklabels=["negative", "positive"],
-                 yticklabels=["negative", "positive"], xlabel="predicted", ylabel="true")
+        axes.set(title=row.name[:40], xticks=[0, 1], yticks=[0, 1], xticklabels=LABELS, yticklabels=LABELS,
+                 xlabel="predicted", ylabel="true")
     return _png(figure)
 
 
@@ -208,7 +209,7 @@ def error_analysis(rows: list, what: str = "test") -> tuple[str, dict[str, bytes
         top = sorted(mistakes.items(), key=lambda item: -item[1][0])[:10]
         text += [f"**{row.name}** (the 10 {what} reviews it got wrong most confidently):", "",
                  "| review | label | P(positive) | beginning of the review |", "|---|---|---|---|"]
-        text += [f"| {index} | {'positive' if label else 'negative'} | {positive:.3f} | "
+        text += [f"| {index} | {LABELS[label]} | {positive:.3f} | "
                  f"{' '.join(str(review).split()).replace('|', '/')[:200]} |"
                  for index, (_, label, positive, review) in top]
         text.append("")

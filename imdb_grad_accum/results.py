@@ -28,13 +28,13 @@ from typing import Optional
 
 import numpy as np
 
-from imdb_grad_accum import stats
+from imdb_grad_accum import comparisons, stats
 from imdb_grad_accum.cli import command_parser, run_cli
-from imdb_grad_accum.comparisons import Row, compare, comparison_section, planned_pairs, read_comparisons
+from imdb_grad_accum.comparisons import Row, compare, comparison_section, planned_pairs
 from imdb_grad_accum.config import PROJECT_ROOT, trained_config
 from imdb_grad_accum.errors import UserError
 from imdb_grad_accum.files import write_folder
-from imdb_grad_accum.rundir import MARKER, RunDir
+from imdb_grad_accum.rundir import MARKER, RunDir, refuse_inside_a_run
 
 RESULT_FILES = {"README.md", "val_loss.png", "val_accuracy.png", "train_loss.png", "accuracy_by_batch.png",
                 "confusion.png", "accuracy_by_length.png", "calibration.png"}
@@ -224,9 +224,7 @@ def write_results(runs: list[FinishedRun], out: Path, baseline: Optional[str], p
 def check_out(out: Path, experiments: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give the folder for the results tables")
-    inside = next((p for p in (out, *out.resolve().parents) if (p / MARKER).is_file()), None)
-    if inside is not None:
-        raise UserError(f"--out {out} is inside the run directory {inside}; write results outside any run")
+    refuse_inside_a_run(out, "results")
     for folder in (out / e for e in experiments):
         other = sorted(p.name for p in folder.iterdir() if p.name not in RESULT_FILES or not p.is_file()) \
             if folder.is_dir() else []
@@ -251,19 +249,13 @@ def main(argv=None) -> list[Path]:
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")],
                    help="run directories, or folders holding them (default: runs)")
     p.add_argument("--out", type=Path, help="where OUT/<experiment>/ go (default: beside the runs, <folder>/results)")
-    p.add_argument("--baseline", metavar="ROW", help="compare every other row with this one only")
-    p.add_argument("--compare", action="append", default=[], metavar='"A vs B"',
-                   help="a comparison to make (repeatable)")
-    p.add_argument("--comparisons", type=Path, metavar="FILE",
-                   help="a study's planned comparisons (YAML: baseline: ROW, or compare: [\"A vs B\", ...])")
+    comparisons.add_arguments(p)
     args = p.parse_args(argv)
-    baseline, pairs = read_comparisons(args.comparisons)
-    if sum(bool(x) for x in (args.baseline, args.compare, baseline or pairs)) > 1:
-        raise UserError("give the comparisons one way: --baseline, --compare or --comparisons")
+    baseline, pairs = comparisons.chosen(args)
     runs = find_runs(args.paths)
     if not runs:
         raise UserError(f"no finished runs (with metrics.json) in {', '.join(map(str, args.paths))}")
-    written = write_results(runs, args.out or default_out(args.paths), args.baseline or baseline, args.compare or pairs)
+    written = write_results(runs, args.out or default_out(args.paths), baseline, pairs)
     print(f"{len(runs)} run(s) -> {', '.join(sorted({str(f.parent) for f in written}))}")
     return written
 

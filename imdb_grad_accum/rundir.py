@@ -210,3 +210,10 @@ def check_finished(run: RunDir, command: str) -> None:
     if not run.is_finished():
         raise UserError(f"{run.path} has not finished training (no metrics.json); finish it with --resume, then "
                         f"{command} it")
+
+
+def refuse_inside_a_run(out: Path, what: str) -> None:
+    """An --out of results or evaluations never goes into a run directory, which would then refuse --overwrite."""
+    inside = next((p for p in (out, *out.resolve().parents) if (p / MARKER).is_file()), None)
+    if inside is not None:
+        raise UserError(f"--out {out} is inside the run directory {inside}; write {what} outside any run")

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import yaml
 
+from imdb_grad_accum import comparisons
 from imdb_grad_accum.cli import command_parser, die_with_parent, run_cli, run_name
 from imdb_grad_accum.config import PROJECT_ROOT, load_config, to_plain_dict, trained_config
 from imdb_grad_accum.schema import flatten
 from imdb_grad_accum.errors import UserError
-from imdb_grad_accum.results import default_out, find_runs, read_comparisons, write_results
+from imdb_grad_accum.results import default_out, find_runs, write_results
 from imdb_grad_accum.writer import RunWriter
 
 SCRIPTS = ["exp_1/main.py", "exp_2/main.py", "exp_2/main_accelerate.py"]
@@ -84,9 +85,7 @@ def main(argv=None) -> dict[Path, str]:
     p.add_argument("--group", help="WandB group of the sweep's runs (default: the config names joined with +)")
     p.add_argument("--out", type=Path,
                    help="where the results tables go (default: beside the runs, <output_dir>/results)")
-    p.add_argument("--baseline", metavar="ROW", help="results: compare every other row with this one only")
-    p.add_argument("--compare", action="append", default=[], metavar='"A vs B"', help="results: a comparison to make")
-    p.add_argument("--comparisons", type=Path, metavar="FILE", help="results: the study's planned comparisons (YAML)")
+    comparisons.add_arguments(p)
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
     seeds = [s for s in args.seeds or [] if s.lstrip("-").isdigit()]
     items = args.items + [s for s in args.seeds or [] if not s.lstrip("-").isdigit()]  # `--seeds 1 2 a.yaml`
@@ -109,7 +108,7 @@ def main(argv=None) -> dict[Path, str]:
     if args.jobs > 1 and args.launcher:
         raise UserError("--jobs with --launcher would start several multi-process launches at once, sharing the GPUs "
                         "and the rendezvous port; run them one at a time (or one sweep per machine)")
-    comparisons = read_comparisons(args.comparisons)
+    baseline, pairs = comparisons.chosen(args)
     if args.devices and args.launcher:
         raise UserError("--devices gives each run one GPU; with --launcher, the launcher places its processes "
                         "(set CUDA_VISIBLE_DEVICES for it instead)")
@@ -130,8 +129,7 @@ def main(argv=None) -> dict[Path, str]:
     print("\nsweep summary:\n" + "\n".join(f"  {job.outcome:14s} {job.path}" for job in jobs))
     done = [job.path for job in jobs if job.outcome != "failed" and RunWriter(job.path).is_finished()]
     if done:
-        written = write_results(find_runs(done), args.out or default_out(done), args.baseline or comparisons[0],
-                                args.compare or comparisons[1])
+        written = write_results(find_runs(done), args.out or default_out(done), baseline, pairs)
         print(f"results: {', '.join(sorted({str(path.parent) for path in written}))}")
     return {job.path: job.outcome for job in jobs}
 

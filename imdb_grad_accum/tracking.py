@@ -154,11 +154,14 @@ class Tracker:
             try:
                 import wandb
 
+                # an online start may take WANDB_INIT_TIMEOUT seconds, else 15, not WandB's 90: a run without a
+                # network would wait a minute and a half before its first step
                 self.wandb_run = wandb.init(
                     id=run_id, resume="allow", reinit="finish_previous", name=self.cfg.name, tags=tags, mode=attempt,
                     project=choices["project"], entity=choices["entity"], group=choices["group"], job_type=job_type,
                     dir=str(self.run.path), config={**to_plain_dict(self.cfg), "derived": self.facts},
-                    settings=wandb.Settings(init_timeout=15, silent=True))
+                    settings=wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT") or 15),
+                                            silent=True))
                 for axis, metrics in (("train/samples", "train/*"), ("epoch", "val/*")):  # shared across batch sizes
                     self.wandb_run.define_metric(axis, hidden=True)
                     self.wandb_run.define_metric(metrics, step_metric=axis)

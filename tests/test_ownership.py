@@ -82,7 +82,7 @@ def test_overwrite_refuses_anything_the_run_did_not_record_and_keeps_it(foreign,
     assert _tree(run) == before
 
 
-@pytest.mark.parametrize("again", ["--continue", "a sweep"])
+@pytest.mark.parametrize("again", ["--continue", pytest.param("a sweep", marks=pytest.mark.slow)])
 def test_a_wandb_run_killed_before_its_first_resume_point_starts_again(again, tmp_path, tiny_bert, reviews_dir,
                                                                        fork_server):
     """Killed once its history shows training (no resume point yet): --continue starts it again, over what WandB left

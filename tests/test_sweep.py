@@ -214,9 +214,10 @@ def test_under_a_wandb_agent_the_run_takes_the_agents_id_and_continues(tmp_path,
     (["--grid", "name=a,b"], "--grid name: name cannot be a grid key"),
     (["--grid", "seed=1,2", "--seeds", "3"], "--grid seed: seed cannot be a grid key; use --seeds"),
     (["--grid", "train.lr=1e-3,0.001"], "are the same run (their grid values are equal once read)"),
+    (["--baseline", "tiny", "--compare", "a vs b"], "give the comparisons one way"),
 ], ids=["unknown key", "no values", "an empty value", "a value that fails validation", "no =", "no jobs",
         "a missing device", "a device that is no number", "two grids of one key", "a grid over name",
-        "a grid over seed with --seeds", "two values that are one"])
+        "a grid over seed with --seeds", "two values that are one", "comparisons given two ways"])
 def test_bad_sweep_input_is_one_line_exit_2_before_any_run(argv, expected, tmp_path, tiny_bert, reviews_dir,
                                                           monkeypatch, capsys):
     config = tiny_config(tmp_path, tiny_bert, reviews_dir)

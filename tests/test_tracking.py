@@ -180,7 +180,8 @@ def test_wandb_auto_without_network_finishes_offline_and_keeps_secrets_out(tmp_p
     secret = "0123456789abcdef0123456789abcdef01234567"
     started = time.perf_counter()
     code, output = fork_server.start("exp1", ["--config", config], env={
-        "WANDB_API_KEY": secret, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_SILENT": "true"}).wait(300)
+        "WANDB_API_KEY": secret, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_SILENT": "true",
+        "WANDB_INIT_TIMEOUT": "2"}).wait(300)
     assert code == 0, output[-3000:]
     assert time.perf_counter() - started < 120
     run = tmp_path / "runs" / "tiny"
