@@ -76,9 +76,11 @@ class ResumePoints:
                    "scheduler": self.scheduler.state_dict(),
                    "scaler": self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else None}
         history = self.run.history_path.read_bytes() if self.run.history_path.exists() else b""
-        contents = {"model.safetensors": weights.data, "optimizer.safetensors": _optimizer_bytes(self.optimizer),
+        contents = {"optimizer.safetensors": _optimizer_bytes(self.optimizer),
                     "trainer.json": json.dumps(trainer, indent=1) + "\n", "history.jsonl": history}
-        files = {name: _write(folder / name, data) for name, data in contents.items()}
+        _write(folder / "model.safetensors", weights.data)  # its checksum is known: the weights are not hashed twice
+        files = {"model.safetensors": weights.sha256, **{name: _write(folder / name, data)
+                                                         for name, data in contents.items()}}
         files.update({f"rng_{rank}.safetensors": sha256_of(folder / f"rng_{rank}.safetensors")
                       for rank in range(self.layout["processes"])})
         if state.best_sha256 not in (None, weights.sha256):  # an earlier validation's: kept with the point
