@@ -138,33 +138,33 @@ def test_kills_aimed_at_training_a_validation_a_point_and_the_test_each_resumed_
 def test_20_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterrupted_run(script, workspace,
                                                                                           fork_server):
     """SIGKILL at random moments (training, a resume point or checkpoint write, a validation mid-epoch or at an
-    epoch's end, the test), each time followed by the same command with --resume (or afresh while no resume point
-    exists yet), with validations every 10 steps and early stopping on. Accelerate's two processes are killed
-    together, as a pre-empted machine would be."""
+    epoch's end, the test) until the run finishes, each time followed by the same command with --resume (or afresh
+    while no resume point exists yet), with validations every 15 steps and early stopping on. Accelerate's two
+    processes are killed together, as a pre-empted machine would be. The moments are drawn within a twentieth of the
+    uninterrupted run's wall time, so that on any CPU the run is killed at least 20 times before it ends."""
     config, runs, whole = workspace
     kills = 20
-    extra = SOAKED[script] + CONTROLS + ["train.epochs=4"]  # room for 20 kills
+    extra = SOAKED[script] + CONTROLS + ["train.epochs=4"]
     reference = whole(script, tuple(extra))
-    assert json.loads((reference / "metrics.json").read_text())["stopped_early_at"], "early stopping never happened"
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["stopped_early_at"], "early stopping never happened"
     run = runs / f"soak_{script.replace(' ', '')}_{kills}"
     rng = random.Random(len(script) + kills)
     killed, finished = 0, False
-    while killed < kills and not finished:
+    while not finished:
         flag = ["--resume"] if RunDir(run).resume_points() else ["--overwrite"] if run.exists() else []
         started = time.time()
         process = _fork(fork_server, script, config, f"name={run.name}", *flag, *extra)
         _wait_until_training(process, run, started)
-        time.sleep(rng.uniform(0, 0.3))
+        time.sleep(rng.uniform(0, metrics["wall_seconds"] / kills))
         if process.running():
             process.signal(signal.SIGKILL)
             killed += 1
         code, output = process.wait()
         assert code in (0, None), output[-3000:]
         finished = (run / "metrics.json").exists()
-    if not finished:
-        _finished(_fork(fork_server, script, config, f"name={run.name}", "--resume", *extra))
     print(f"{script}: {killed} SIGKILLs, then finished")
-    assert killed == kills
+    assert killed >= kills
     _same_results(reference, run)
 
 
