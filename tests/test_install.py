@@ -51,7 +51,7 @@ def test_help_answers_fast_without_torch_and_lists_every_config_key():
         value = OmegaConf.select(OmegaConf.structured(Config), key)
         value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
         assert default == ("null" if value is None else str(value)), key
-        assert meaning.strip(), f"{key} has no meaning in the schema (a comment on its line in exp_1/config.py)"
+        assert meaning.strip(), f"{key} has no meaning (a comment on its line in imdb_grad_accum/schema.py)"
 
 
 def test_print_config_prints_the_resolved_config_and_touches_nothing(tmp_path, tiny_bert, reviews_dir, capsys):
