@@ -29,6 +29,11 @@ class CliParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, like every other input error
         raise UserError(f"{message} (see --help)")
 
+    def format_help(self):
+        if callable(self.epilog):  # made only for --help: it parses schema.py's source
+            self.epilog = self.epilog()
+        return super().format_help()
+
 
 def command_parser(doc: str, **options) -> CliParser:
     return CliParser(description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter, **options)
@@ -38,7 +43,7 @@ def parse_and_load(argv: Optional[List[str]], doc: str, default_config: Path,
                    check: Callable[[DictConfig], Any]) -> tuple[argparse.Namespace, DictConfig]:
     """A training script's arguments (`mode`: start, resume, overwrite or continue) and config, checked by `check`."""
     parser = command_parser(doc, prog=Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else None,
-                            epilog=config_help())
+                            epilog=config_help)
     parser.add_argument("--config", type=Path, default=default_config,
                         help=f"YAML config file (default: {default_config})")
     runs = parser.add_mutually_exclusive_group()

@@ -21,7 +21,7 @@ SIZE_KEYS = {"train.batch_size", "train.grad_accum_steps", "train.effective_batc
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
-    figure = Figure(figsize=(8, 4.8), dpi=120, layout="constrained")
+    figure = Figure(figsize=(8, 4.8), dpi=120, layout="tight")
     axes = figure.add_subplot()
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
@@ -130,7 +130,7 @@ def learning_curves(experiment: str, rows: list) -> tuple[list[str], dict[str, b
 def confusion_plot(rows: list, confusions: dict) -> bytes:
     columns = min(3, len(rows))
     lines = math.ceil(len(rows) / columns)
-    figure = Figure(figsize=(max(8, 3.4 * columns + 1), max(4.8, 3.0 * lines + 0.6)), dpi=120, layout="constrained")
+    figure = Figure(figsize=(max(8, 3.4 * columns + 1), max(4.8, 3.0 * lines + 0.6)), dpi=120, layout="tight")
     figure.suptitle("Confusion matrices on the test reviews (all seeds of a row added)")
     for i, row in enumerate(rows):
         counts = confusions[row.name]
