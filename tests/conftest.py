@@ -15,6 +15,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before torch loads: each worker's share of the cores
+    cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores)))
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"
@@ -23,6 +26,12 @@ ACLIMDB_SAMPLE = Path(os.environ.get("ACLIMDB_DATA", SHARED_DATA / "aclImdb-samp
 
 needs_imdb = pytest.mark.skipif(not IMDB.is_dir(), reason=f"real IMDB data not found at {IMDB}: set IMDB_DATA to a "
                                 "copy of stanfordnlp/imdb to run the tests on it")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: the fast tier's tests on one worker per core (up to 4; tiny models gain nothing from more threads);
+    anything else selecting slow tests (their several-process launches and timed kills) one at a time."""
+    return min(4, len(os.sched_getaffinity(0))) if config.option.markexpr == "not slow" else 0
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -91,7 +91,7 @@ def main(only: list[str]) -> int:
                 continue
             path.write_text(text.replace(old, new, 1))
             start = time.time()
-            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
                                      *tests.split()], cwd=root, env=env, capture_output=True, text=True)
             path.write_text(text)
             caught = result.returncode == 1  # tests failed; 0 passed, anything else did not run
