@@ -151,7 +151,7 @@ def test_20_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterr
     run = runs / f"soak_{script.replace(' ', '')}_{kills}"
     rng = random.Random(len(script) + kills)
     killed, finished = 0, False
-    while not finished:
+    while not finished and killed < 20 * kills:  # bounded: a run that never gets further fails, not hangs
         flag = ["--resume"] if RunDir(run).resume_points() else ["--overwrite"] if run.exists() else []
         started = time.time()
         process = _fork(fork_server, script, config, f"name={run.name}", *flag, *extra)
@@ -163,8 +163,8 @@ def test_20_sigkills_at_random_moments_each_resumed_end_exactly_like_an_uninterr
         code, output = process.wait()
         assert code in (0, None), output[-3000:]
         finished = (run / "metrics.json").exists()
-    print(f"{script}: {killed} SIGKILLs, then finished")
-    assert killed >= kills
+    print(f"{script}: {killed} SIGKILLs, then {'finished' if finished else 'still not finished'}")
+    assert finished and killed >= kills
     _same_results(reference, run)
 
 
