@@ -3,7 +3,6 @@ two or three rows; the sentences never rank rows whose difference is not signifi
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import yaml
@@ -21,7 +20,7 @@ class Row:
 
     runs: list
     correct: np.ndarray  # (seeds, reviews) 0/1, columns by review
-    reviews: Optional[str]  # what proves the reviews: the same value means the same texts and labels, in order
+    reviews: str | None  # what proves the reviews: the same value means the same texts and labels, in order
     labels: list[str] = field(default_factory=list)
     name: str = ""
     values: dict = field(default_factory=dict)  # what the table shows
@@ -60,15 +59,15 @@ class Comparison:
 def find_row(rows: list[Row], reference: str) -> Row:
     """The row a comparison names: by its name, or by a label it carries, with or without its folder."""
     reference = reference.strip()
-    names = lambda row: (row.name, *row.labels, *(label.split("/")[-1] for label in row.labels))  # noqa: E731
-    found = [row for row in rows if reference in names(row)]
+    found = [row for row in rows
+             if reference in (row.name, *row.labels, *(label.split("/")[-1] for label in row.labels))]
     if len(found) != 1:
         raise UserError(f"comparison: {'no' if not found else 'more than one'} row is named {reference!r}; the rows "
                         f"are: {'; '.join(row.name for row in rows)}")
     return found[0]
 
 
-def planned_pairs(rows: list[Row], baseline: Optional[str], compare: list[str]) -> Optional[list[tuple[Row, Row]]]:
+def planned_pairs(rows: list[Row], baseline: str | None, compare: list[str]) -> list[tuple[Row, Row]] | None:
     """The pairs to compare: every row against --baseline, the --compare "A vs B" pairs, or (None) every pair."""
     if baseline is not None:
         base = find_row(rows, baseline)
@@ -84,7 +83,7 @@ def planned_pairs(rows: list[Row], baseline: Optional[str], compare: list[str]) 
     return pairs or None
 
 
-def compare(rows: list[Row], pairs: Optional[list[tuple[Row, Row]]]) -> tuple[list[Comparison], list[str]]:
+def compare(rows: list[Row], pairs: list[tuple[Row, Row]] | None) -> tuple[list[Comparison], list[str]]:
     """The comparisons made, Holm-corrected together, and why any pair was not compared."""
     if pairs is None:
         pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]] if len(rows) <= ALL_PAIRS_UP_TO else []
@@ -103,7 +102,9 @@ def compare(rows: list[Row], pairs: Optional[list[tuple[Row, Row]]]) -> tuple[li
     return made, skipped
 
 
-def comparison_section(rows: list[Row], made: list[Comparison], skipped: list[str], planned: bool) -> list[str]:
+def comparison_section(rows: list[Row], pairs: list[tuple[Row, Row]] | None) -> list[str]:
+    """The README's comparisons: the planned pairs, or (None) every pair of up to ALL_PAIRS_UP_TO rows."""
+    made, skipped = compare(rows, pairs)
     if not made and not skipped:
         if len(rows) <= ALL_PAIRS_UP_TO:
             return []
@@ -111,8 +112,8 @@ def comparison_section(rows: list[Row], made: list[Comparison], skipped: list[st
                 "(`--baseline ROW`, `--compare \"A vs B\"` or `--comparisons FILE`); each one made costs the others "
                 "power under Holm's correction.", ""]
     text = ["## Comparisons", "",
-            f"{len(made)} comparison(s): {'those the study planned' if planned else 'every two rows'}, each on the "
-            "same test reviews. The interval is a paired bootstrap over test reviews (10,000 resamples; rows with "
+            f"{len(made)} comparison(s): {'every two rows' if pairs is None else 'those the study planned'}, each on "
+            "the same test reviews. The interval is a paired bootstrap over test reviews (10,000 resamples; rows with "
             "several seeds also resample seeds). The test is an exact McNemar test on per-review correctness (a review "
             "counts as right for a row when most of its seeds got it right), with Holm's correction for the "
             "comparisons made. A difference is called significant only when the interval excludes 0 and the "
@@ -137,23 +138,19 @@ def add_arguments(parser) -> None:
                        help="a study's planned comparisons (YAML: baseline: ROW, or compare: [\"A vs B\", ...])")
 
 
-def chosen(args) -> tuple[Optional[str], list[str]]:
-    """The baseline and the "A vs B" pairs asked for, given one way: --baseline, --compare or --comparisons."""
-    baseline, pairs = read_comparisons(args.comparisons)
+def chosen(args) -> tuple[str | None, list[str]]:
+    """The baseline and the "A vs B" pairs asked for, given one way: --baseline, --compare or --comparisons (a YAML
+    file with `baseline: ROW` or `compare: ["A vs B", ...]`)."""
+    path, plan = args.comparisons, {}
+    if path is not None:
+        try:
+            plan = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"--comparisons {path}: cannot read it ({type(err).__name__})") from None
+        if not isinstance(plan, dict) or not set(plan) <= {"baseline", "compare"} or not (
+                isinstance(plan.get("compare", []), list) and isinstance(plan.get("baseline", ""), str)):
+            raise UserError(f"--comparisons {path}: expected `baseline: ROW` or `compare:` with a list of \"A vs B\"")
+    baseline, pairs = plan.get("baseline"), [str(item) for item in plan.get("compare", [])]
     if sum(bool(x) for x in (args.baseline, args.compare, baseline or pairs)) > 1:
         raise UserError("give the comparisons one way: --baseline, --compare or --comparisons")
     return args.baseline or baseline, args.compare or pairs
-
-
-def read_comparisons(path: Optional[Path]) -> tuple[Optional[str], list[str]]:
-    """A study's declared comparisons: a YAML file with `baseline: ROW` or `compare: ["A vs B", ...]`."""
-    if path is None:
-        return None, []
-    try:
-        plan = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"--comparisons {path}: cannot read it ({type(err).__name__})") from None
-    if not isinstance(plan, dict) or not set(plan) <= {"baseline", "compare"} or not (
-            isinstance(plan.get("compare", []), list) and isinstance(plan.get("baseline", ""), str)):
-        raise UserError(f"--comparisons {path}: expected `baseline: ROW` or `compare:` with a list of \"A vs B\"")
-    return plan.get("baseline"), [str(item) for item in plan.get("compare", [])]

@@ -1,6 +1,6 @@
 """The pictures and the error analysis of a results README: learning curves, accuracy against the effective batch,
 and from the per-review predictions confusion matrices, accuracy by review length and truncation, calibration and
-the most confident mistakes. Everything is made in memory (PNG bytes and Markdown) from results.Row objects."""
+the most confident mistakes. Everything is made in memory (PNG bytes and Markdown) from comparisons.Row objects."""
 
 import io
 import json

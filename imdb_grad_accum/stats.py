@@ -30,8 +30,6 @@ def _binary(values, name: str) -> np.ndarray:
 def bootstrap_interval(correct, resamples: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-review correctness, resampling reviews with replacement."""
     values = np.asarray(correct, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"correct must be a non-empty 1-D array, got shape {values.shape}")
     rng = np.random.default_rng(seed)
     means = [values[rng.integers(0, values.size, size=(chunk, values.size))].mean(axis=1)
              for chunk in _chunks(resamples, values.size)]
@@ -55,8 +53,6 @@ def paired_bootstrap_difference(correct_a, correct_b, resamples: int = 10000, se
     resamples the reviews with the same indices for a and b, and each side's seeds, when it has several, so the
     interval covers both test-set and seed variation."""
     a, b = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (correct_a, correct_b))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] == 0 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must be (seeds, n) over the same n >= 1 reviews, got {a.shape} and {b.shape}")
     if np.array_equal(a, b):  # the same runs on the same reviews: every replicate's difference is zero
         return 0.0, 0.0, 0.0
     difference = float((a.mean(axis=0) - b.mean(axis=0)).mean())  # exact for one seed each: a count over n
@@ -87,8 +83,6 @@ def majority_correct(correct) -> np.ndarray:
 def mcnemar_exact(correct_a, correct_b) -> float:
     """Exact two-sided McNemar p-value: a binomial test of the reviews only a got right against those only b did."""
     a, b = _binary(correct_a, "correct_a"), _binary(correct_b, "correct_b")
-    if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"correct_a and correct_b must be 1-D of equal length, got {a.shape} and {b.shape}")
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     return 1.0 if only_a + only_b == 0 else float(stats.binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
 
@@ -96,8 +90,6 @@ def mcnemar_exact(correct_a, correct_b) -> float:
 def holm_adjust(p_values: list[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values, in input order."""
     raw = np.asarray(p_values, dtype=np.float64)
-    if raw.ndim != 1 or ((raw < 0) | (raw > 1)).any() or np.isnan(raw).any():
-        raise ValueError("p_values must be a flat list of numbers in [0, 1]")
     order = np.argsort(raw, kind="stable")
     scaled = np.maximum.accumulate((raw.size - np.arange(raw.size)) * raw[order])  # the i-th smallest x (m - i)
     adjusted = np.empty(raw.size)
@@ -109,8 +101,6 @@ def expected_calibration_error(prob_positive, labels, bins: int = 10) -> tuple[f
     """Expected calibration error, and the non-empty bins of confidence max(p, 1 - p) in [0.5, 1] for a reliability
     diagram. ECE = Σ (count / n) · |accuracy - mean confidence|."""
     probabilities, truth = np.asarray(prob_positive, dtype=np.float64), _binary(labels, "labels")
-    if probabilities.ndim != 1 or probabilities.size == 0 or probabilities.shape != truth.shape:
-        raise ValueError(f"need matching non-empty 1-D arrays, got {probabilities.shape} and {truth.shape}")
     if not ((probabilities >= 0) & (probabilities <= 1)).all():
         raise ValueError("prob_positive must lie in [0, 1]")
     predicted = probabilities >= 0.5
@@ -118,14 +108,10 @@ def expected_calibration_error(prob_positive, labels, bins: int = 10) -> tuple[f
     correct = predicted == truth
     edges = np.linspace(0.5, 1.0, bins + 1)
     bin_of = np.minimum(np.searchsorted(edges, confidence, side="right") - 1, bins - 1)
-    ece, reliability = 0.0, []
-    for i in range(bins):
-        members = bin_of == i
-        if members.any():
-            accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
-            ece += members.sum() / probabilities.size * abs(accuracy - mean_confidence)
-            reliability.append({"low": float(edges[i]), "high": float(edges[i + 1]), "count": int(members.sum()),
-                                "accuracy": accuracy, "confidence": mean_confidence})
+    reliability = [{"low": float(edges[i]), "high": float(edges[i + 1]), "count": int(members.sum()),
+                    "accuracy": float(correct[members].mean()), "confidence": float(confidence[members].mean())}
+                   for i in range(bins) if (members := bin_of == i).any()]
+    ece = sum(cell["count"] / probabilities.size * abs(cell["accuracy"] - cell["confidence"]) for cell in reliability)
     return float(ece), reliability
 
 
@@ -133,10 +119,6 @@ def accuracy_by_length(correct, tokens, truncated, edges: list[int]) -> list[dic
     """Accuracy per token-count bin [edges[i], edges[i+1]) ("128-255", then ">=<last edge>" when some review reaches
     it), split by whether the review was truncated; empty cells are left out."""
     right, lengths, cut = np.asarray(correct, dtype=np.float64), np.asarray(tokens), _binary(truncated, "truncated")
-    if not (right.ndim == 1 and right.shape == lengths.shape == cut.shape):
-        raise ValueError("correct, tokens and truncated must be 1-D arrays of the same length")
-    if len(edges) < 2 or any(low >= high for low, high in zip(edges, edges[1:])):
-        raise ValueError(f"edges must be at least 2 strictly increasing token counts, got {edges}")
     if lengths.size and lengths.min() < edges[0]:
         raise ValueError(f"a review has {lengths.min()} tokens, below the first edge {edges[0]}")
     bins = [(f"{low}-{high - 1}", (lengths >= low) & (lengths < high)) for low, high in zip(edges, edges[1:])]
