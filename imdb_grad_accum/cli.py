@@ -121,8 +121,8 @@ def sweep_parameters() -> set[str] | None:
     return {key for key in params if key != "wandb_version"} if isinstance(params, dict) else None
 
 
-def config_keys() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) of every config key, from schema.py and the comment on each field's line."""
+def config_help() -> str:
+    """Every config key's type, default and meaning, from schema.py and the comment on each field's line."""
     source = Path(schema.__file__).read_text()
     comments = {token.start[0]: token.string.lstrip("#").strip()
                 for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
@@ -144,14 +144,9 @@ def config_keys() -> list[tuple[str, str, str, str]]:
             keys.append((key, shown, default, comments.get(node.lineno, "")))
 
     walk("Config", "")
-    return keys
-
-
-def config_help() -> str:
-    rows = config_keys()
-    width = max(len(key) for key, *_ in rows)
+    width = max(len(key) for key, *_ in keys)
     lines = ["config keys (set them in the YAML file, or override with key=value; type, default, meaning):"]
-    lines += [f"  {key:<{width}}  {kind}, default {default}: {meaning}" for key, kind, default, meaning in rows]
+    lines += [f"  {key:<{width}}  {kind}, default {default}: {meaning}" for key, kind, default, meaning in keys]
     return "\n".join(lines)
 
 

@@ -43,10 +43,8 @@ class LostPeer(RunStopped):
 class WriteFailed(RunStopped):
     """A write failed (disk full, read-only, not allowed); `then` says what to do next."""
 
-    SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
     def __init__(self, path: Path, err: OSError, then: str = "run the same command again", verb: str = "write"):
-        fix = "free some space" if err.errno in self.SPACE_ERRORS else "make it writable"
+        fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
         super().__init__(f"cannot {verb} {path}: {err.strerror or err}; {fix}, then {then}")
         self.path, self.err = path, err
 

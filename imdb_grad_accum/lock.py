@@ -16,7 +16,7 @@ class RunLock:
     def __init__(self, path: Path):
         self.path = path
         self.fds: list[int] = []
-        self.ids: dict[Path, tuple[int, int]] = {}
+        self.stats: dict[Path, os.stat_result] = {}  # what the lock was taken on, to tell if it was replaced
 
     @classmethod
     def take(cls, path: Path) -> "RunLock":
@@ -33,7 +33,7 @@ class RunLock:
                                 "this run, then repeat the command") from None
             lock.fds.append(file)
             _flock(file, path)
-            lock.ids = {path: _identity(os.fstat(folder)), path / LOCK: _identity(os.fstat(file))}
+            lock.stats = {path: os.fstat(folder), path / LOCK: os.fstat(file)}
         except BaseException as err:
             lock.release()
             if isinstance(err, OSError):
@@ -48,7 +48,7 @@ class RunLock:
 
     def intact(self) -> bool:
         try:
-            return all(_identity(os.stat(p)) == ident for p, ident in self.ids.items())
+            return all(os.path.samestat(os.stat(p), stat) for p, stat in self.stats.items())
         except OSError:
             return False
 
@@ -78,10 +78,6 @@ def _describe(path: Path) -> str:
     except OSError:
         return "another process"
     return f"process {pid}" + (f" ({command[:160]})" if command else "") if pid.isdigit() else "another process"
-
-
-def _identity(stat: os.stat_result) -> tuple[int, int]:
-    return stat.st_dev, stat.st_ino
 
 
 def _flock(fd: int, run: Path, optional: bool = False) -> None:

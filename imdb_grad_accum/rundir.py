@@ -17,7 +17,7 @@ from imdb_grad_accum.errors import UserError, first_line
 from imdb_grad_accum.files import sha256_of
 from imdb_grad_accum.lock import holder
 
-MARKER, LOCK, SCRATCH, LOG = "run.json", ".lock", ".tmp", "train.log"
+MARKER, SCRATCH, LOG = "run.json", ".tmp", "train.log"
 LABELS = ("negative", "positive")  # the project's one label table: 0 and 1
 PREDICTION_COLUMNS = ["index", "label", "predicted", "prob_positive", "loss", "tokens", "truncated", "text"]
 # metrics.json: what every finished run records, with the type results and the commands on runs rely on
@@ -41,9 +41,6 @@ class RunDir:
     @classmethod
     def of(cls, cfg) -> "RunDir":
         return cls(Path(cfg.output_dir).expanduser() / cfg.name)
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
 
     def marker(self) -> dict:
         """run.json, or {} when it is missing or not this project's."""

@@ -117,10 +117,11 @@ class RunWriter(RunDir):
         """What in the tree the run did not write; of links only WandB's into its run folder count, none followed."""
         recorded, wholes = self.recorded(), self._wholes()
         foreign = []
-        for root, folders, files in os.walk(self.path):
+        for root, folders, files in os.walk(self.path):  # os.walk never enters a linked folder
             base = os.path.relpath(root, self.path)
+            prefix = "" if base == "." else f"{base}/"
             for name in sorted(folders + files):
-                rel = name if base == "." else f"{base}/{name}"
+                rel = prefix + name
                 full = os.path.join(root, name)
                 if rel in wholes:
                     ours = not any(MARKER in f for _, _, f in os.walk(full))  # else another run was made inside it
@@ -130,8 +131,7 @@ class RunWriter(RunDir):
                     ours = rel in recorded or rel in (MARKER, LOCK, LOG)
                 if not ours:
                     foreign.append(rel)
-            folders[:] = [f for f in folders if (f if base == "." else f"{base}/{f}") not in wholes | set(foreign)
-                          and not os.path.islink(os.path.join(root, f))]
+            folders[:] = [f for f in folders if prefix + f not in wholes | set(foreign)]
         return foreign
 
     def _wandb_link(self, rel: str, wholes: set[str]) -> bool:
@@ -157,15 +157,14 @@ class RunWriter(RunDir):
                 raise UserError(f"--overwrite: {path} cannot be removed ({why}); fix that, or choose another name=")
 
     @contextlib.contextmanager
-    def writing(self, cfg, mode: str, split: Optional[dict] = None) -> Iterator[str]:
+    def writing(self, cfg, mode: str, split: dict) -> Iterator[str]:
         """Holds the lock for the block, checks again under it and yields what it does (after doing it)."""
         self.lock = RunLock.take(self.path)
         try:
             decided = self.check(cfg, mode, locked=True)
             if decided == "resume":
                 self._marker = self.marker()
-                if split is not None:
-                    check_same_data(self.split(), split, self.path)
+                check_same_data(self.split(), split, self.path)
             elif decided == "start":
                 self._start_afresh(cfg)
             yield decided
