@@ -4,7 +4,6 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import datasets
 import numpy as np
@@ -30,21 +29,21 @@ def load_splits(path: str, what: str = "data.path") -> dict[str, datasets.Datase
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not local.exists():
         raise UserError(f"{what}={path}: no such file or folder; point it at IMDB files or a hub dataset id")
-    if looks_local and (local / "aclImdb").is_dir():
+    if (local / "aclImdb").is_dir():
         local = local / "aclImdb"
-    if looks_local and (local / "train" / "pos").is_dir():
+    if (local / "train" / "pos").is_dir():
         return {split: _check(_read_aclimdb_split(local / split), path, what, split)
                 for split in SOURCE_SPLITS if (local / split).is_dir()}
-    if local.is_file() and local.suffix.lower() not in DATA_FILES:
+    kind = DATA_FILES.get(local.suffix.lower()) if local.is_file() else None
+    if local.is_file() and kind is None:
         raise UserError(f"{what}={path} is not a data file; use parquet, csv or jsonl with text and label columns, "
                         "or a folder of them")
-    text_file = local.is_file() and DATA_FILES[local.suffix.lower()] != "parquet"
-    if text_file and len(local.read_bytes().strip().splitlines()) <= (DATA_FILES[local.suffix.lower()] == "csv"):
+    if kind in ("csv", "json") and len(local.read_bytes().strip().splitlines()) <= (kind == "csv"):
         raise UserError(f"{what}={path} holds no reviews")  # a header alone, or nothing: datasets' error says less
     quiet = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log lines would precede our one line
     try:
-        loaded = (datasets.load_dataset(DATA_FILES[local.suffix.lower()], data_files={"test": str(local)})
+        loaded = (datasets.load_dataset(kind, data_files={"test": str(local)})
                   if local.is_file() else datasets.load_dataset(str(local) if looks_local else path))
     except (OSError, ValueError, datasets.exceptions.DatasetsError, pyarrow.ArrowException) as err:
         if looks_local:
@@ -77,8 +76,12 @@ def load_reviews(path: str) -> datasets.Dataset:
     return datasets.concatenate_datasets(list(load_splits(path).values()))
 
 
-def _not_utf8(file: Path, err: UnicodeDecodeError) -> UserError:
-    return UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 or remove it")
+def _utf8_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 or "
+                        "remove it") from None
 
 
 def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
@@ -87,10 +90,7 @@ def _read_aclimdb_split(split_dir: Path) -> datasets.Dataset:
     for label, sentiment in enumerate(("neg", "pos")):
         files = [(int(m[1]), f) for f in (split_dir / sentiment).iterdir() if (m := ACLIMDB_FILE.match(f.name))]
         for _, file in sorted(files):
-            try:
-                texts.append(file.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as err:
-                raise _not_utf8(file, err) from None
+            texts.append(_utf8_text(file))
             labels.append(label)
     features = datasets.Features(text=datasets.Value("string"), label=datasets.Value("int64"))
     return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
@@ -115,10 +115,7 @@ def _labels_as_0_1(part: datasets.Dataset, path: str, what: str, split: str) -> 
 def _name_non_utf8_file(folder: Path) -> None:
     for file in sorted(folder.rglob("*")) if folder.is_dir() else [folder]:
         if file.is_file() and file.suffix.lower() in (".csv", ".json", ".jsonl", ".txt", ".tsv"):
-            try:
-                file.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise _not_utf8(file, err) from None
+            _utf8_text(file)
 
 
 def _check(reviews: datasets.Dataset, path: str, what: str, split: str) -> datasets.Dataset:
@@ -131,11 +128,11 @@ def _check(reviews: datasets.Dataset, path: str, what: str, split: str) -> datas
     return reviews
 
 
-def text_sha256(texts, labels=None) -> str:
-    """A fingerprint of reviews in order (with their labels when given): proves two runs saw the same reviews."""
+def text_sha256(texts, labels) -> str:
+    """A fingerprint of reviews in order, with their labels: proves two runs saw the same reviews."""
     digest = hashlib.sha256()
-    for i, text in enumerate(texts):
-        digest.update(f"{int(labels[i]) if labels is not None else ''}\0{text}\0".encode())
+    for text, label in zip(texts, labels):
+        digest.update(f"{int(label)}\0{text}\0".encode())
     return digest.hexdigest()
 
 
@@ -158,14 +155,13 @@ def split_indices(texts: list[str], labels: np.ndarray, weights, seed: int) -> d
     for label in (0, 1):
         rows = rng.permutation(unique[labels[unique] == label])
         n_val, n_test = (int(round(len(rows) * f)) for f in fractions[1:])
-        parts["validation"].append(rows[:n_val])
-        parts["test"].append(rows[n_val:n_val + n_test])
-        parts["train"].append(rows[n_val + n_test:])
+        for name, chunk in zip(("validation", "test", "train"), np.split(rows, [n_val, n_val + n_test])):
+            parts[name].append(chunk)
     result = {name: np.sort(np.concatenate(chunks)).tolist() for name, chunks in parts.items()}
     return {**result, "duplicates_dropped": len(texts) - len(unique), "label_conflicts": conflicts}
 
 
-def stratified_subset(indices: list[int], labels: np.ndarray, size: Optional[int], seed: int) -> list[int]:
+def stratified_subset(indices: list[int], labels: np.ndarray, size: int | None, seed: int) -> list[int]:
     """`size` rows of `indices` with the same class balance (largest remainder), chosen by the seed."""
     if size is None or size >= len(indices):
         return list(indices)
@@ -206,10 +202,9 @@ def draw_split(cfg: DictConfig, reviews: datasets.Dataset) -> dict:
     if len(set(labels[record["train"]])) < 2:
         raise UserError(f"data.path={cfg.data.path}: the training reviews are all of one class; a classifier needs "
                         "both negative (0) and positive (1) reviews")
-    test = record["test"]
     return {**record, "source": cfg.data.path, "split_seed": seed, "split_weights": list(cfg.data.split),
             "combined_size": len(reviews), "data_sha256": text_sha256(texts, labels),
-            "test_sha256": text_sha256([texts[i] for i in test], labels[test])}
+            "test_sha256": text_sha256([texts[i] for i in record["test"]], labels[record["test"]])}
 
 
 def prepare_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, columns: list[str]) -> Splits:
@@ -274,9 +269,9 @@ def _in_pieces(text: str, tokenizer: PreTrainedTokenizerBase, budget: int, trunc
     counts = [len(ids) for batch in range(0, len(pieces), 16)  # a few pieces at a time: bounded memory
               for ids in tokenizer(pieces[batch:batch + 16], add_special_tokens=False, verbose=False)["input_ids"]]
     head = {"head": budget, "tail": 0, "head_tail": head_tokens(budget)}[truncation]
-    tail = budget - head if truncation != "head" else 0
+    tail = budget - head
     first = next((i for i, n in enumerate(np.cumsum(counts)) if n > head), len(pieces) - 1) if head else -1
     last = next((i for i, n in enumerate(np.cumsum(counts[::-1])) if n > tail), len(pieces) - 1) if tail else -1
     if first + last + 2 >= len(pieces):  # the two ends meet: nothing to leave out
         return text, sum(counts)
-    return "".join(pieces[:first + 1]) + "".join(pieces[len(pieces) - last - 1:] if tail else []), sum(counts)
+    return "".join(pieces[:first + 1] + pieces[len(pieces) - last - 1:]), sum(counts)

@@ -60,8 +60,7 @@ def is_export(folder: Path) -> bool:
 
 
 def exported_model(run: Path):
-    """The run's best checkpoint (verified against its recorded checksum) in the exportable model class, with the
-    tokenizer set to the run's max_length and, where it can express it, its truncation side."""
+    """The run's verified best checkpoint as the exportable model; its tokenizer cuts as the run trained if it can."""
     from imdb_grad_accum.imdb_sentiment import IMDBSentimentClassifier, IMDBSentimentConfig
     from imdb_grad_accum.model import load_run
 
@@ -91,8 +90,7 @@ def model_card(run: Path, cfg, row_runs: list[Path]) -> str:
     from imdb_grad_accum.results import find_runs, group_rows
 
     runs = find_runs([run, *row_runs])
-    rows = group_rows(runs)
-    row = next(r for r in rows if any(x.path.resolve() == run.resolve() for x in r.runs))
+    row = next(r for r in group_rows(runs) if any(x.path.resolve() == run.resolve() for x in r.runs))
     others = [r.path for r in runs if all(r.path.resolve() != x.path.resolve() for x in row.runs)]
     if others:
         raise UserError(f"--row: {others[0]} is not a seed of {run}'s configuration (its config differs in more than "

@@ -31,11 +31,10 @@ def keep_ends(texts: list[str], spans: list, budget: int, truncation: str) -> li
     head = head_tokens(budget) if truncation == "head_tail" else 0
     cut = []
     for text, offsets in zip(texts, spans):
-        if len(offsets) <= budget:
-            cut.append(text)
-        else:
+        if len(offsets) > budget:
             start = offsets[len(offsets) - (budget - head)][0]
-            cut.append((text[:offsets[head - 1][1]] + " " if head else "") + text[start:])
+            text = (text[:offsets[head - 1][1]] + " " if head else "") + text[start:]
+        cut.append(text)
     return cut
 
 

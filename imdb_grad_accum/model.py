@@ -144,19 +144,16 @@ def encoder_layers(model: SentimentClassifier) -> nn.ModuleList:
 
 
 def freeze(model: SentimentClassifier, what: str | None) -> None:
-    if what is None:
-        return
     if what == "encoder":
-        frozen = [model.encoder]
-    else:
+        model.encoder.requires_grad_(False)
+    elif what is not None:
         layers = encoder_layers(model)
         count = 0 if what == "embeddings" else int(what)
         if count > len(layers):
             raise UserError(f"train.freeze={what}: {model.encoder.config.name_or_path} has {len(layers)} encoder "
                             f"layers; freeze at most {len(layers)}, or train.freeze=encoder for all of the encoder")
-        frozen = [model.encoder.embeddings, *layers[:count]]
-    for module in frozen:
-        module.requires_grad_(False)
+        for module in (model.encoder.embeddings, *layers[:count]):
+            module.requires_grad_(False)
 
 
 def checkpoint_activations(model: SentimentClassifier) -> None:

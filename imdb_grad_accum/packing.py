@@ -27,13 +27,12 @@ def select(batch: dict, first: int, stop: int) -> dict:
 
 def packed_logits(classifier, batch: dict) -> torch.Tensor:
     """Logits of a packed batch, one per review slot; a bucketed row's empty slots and padding get loss weight 0."""
-    input_ids = batch["input_ids"]
-    total = input_ids.shape[1]
+    total = batch["input_ids"].shape[1]
     cu, max_len = batch["cu_seqlens"], batch["max_seqlen"]
     takes_types = classifier.takes_token_type_ids and "token_type_ids" in batch
     extra = {"token_type_ids": batch["token_type_ids"]} if takes_types else {}
     # no attention_mask: nothing is padded within a review, and the PACKED mask builder then builds no mask at all
-    hidden = classifier.encoder(input_ids=input_ids, position_ids=batch["position_ids"], cu_seq_lens_q=cu,
+    hidden = classifier.encoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seq_lens_q=cu,
                                 cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len,
                                 **extra).last_hidden_state[0]
     n = batch.get("num_reviews") or cu.shape[0] - 1
