@@ -103,7 +103,7 @@ def train(cfg: DictConfig, mode: str = "start") -> dict:
                 # what is due after this step; the host reads the device back only then
                 end_of_epoch = state.batches_done == len(loaders.train)
                 due = what_is_due(cfg, state.step, end_of_epoch)
-                if not due.anything:
+                if not any(due):
                     continue
                 state.read_back(reduce)  # a diverged loss stops the run here, before anything keeps its weights
                 stop = agreed_stop(Preemption.requested, device, reduce)

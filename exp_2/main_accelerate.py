@@ -25,7 +25,6 @@ from imdb_grad_accum.errors import LostPeer, RunStopped
 
 TRAINER = ("exp_2", "accelerate")  # what the run records as having trained it
 DEFAULT_CONFIG = CONFIG_DIR / "exp2_eb64.yaml"
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def check(cfg: DictConfig) -> None:
@@ -93,7 +92,7 @@ def train(cfg: DictConfig, mode: str = "start") -> dict:
     layout = step_layout(cfg.train, processes.num_processes)
     run = RunWriter.of(cfg)
     run.check(cfg, mode)  # read only, on every process: what could not be started, replaced or continued stops here
-    accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[precision],
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=layout.loader_batches)
     seed_everything(cfg.seed)
     progress = Progress(cfg.train.progress, show=accelerator.is_local_main_process)
@@ -172,7 +171,7 @@ def train(cfg: DictConfig, mode: str = "start") -> dict:
                 # what is due after this step; the host reads the device back only then
                 end_of_epoch = state.batches_done == len(loaders.train)
                 due = what_is_due(cfg, state.step, end_of_epoch)
-                if not due.anything:
+                if not any(due):
                     continue
                 state.read_back(reduce)  # a diverged loss stops the run here, before anything keeps its weights
                 stop = agreed_stop(Preemption.requested, device, reduce)

@@ -35,7 +35,11 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
         except ValidationError as err:
             if "Incompatible value 'None'" in str(err):  # `key=` or `key: ` left empty
                 raise UserError(f"{source}: {err.full_key} is empty; give it a value") from None
-            raise UserError(f"{source}: {_type_problem(err)}") from None
+            key = err.full_key or "a key"
+            node = OmegaConf.select(OmegaConf.structured(Config), key.split("[")[0], default=None)
+            if OmegaConf.is_list(node):
+                raise UserError(f"{source}: {key} takes a list, e.g. {key}={OmegaConf.to_container(node)}") from None
+            raise UserError(f"{source}: {key}: {first_line(err)}") from None
         except (OmegaConfBaseException, TypeError) as err:  # TypeError: a list where the schema has a section
             raise UserError(f"{source}: {first_line(err)}") from None
     try:  # ${...} interpolations become values now, so a bad one is named here rather than failing mid-run
@@ -45,14 +49,6 @@ def load_config(path: Path, overrides: List[str] = ()) -> DictConfig:
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
-
-
-def _type_problem(err: ValidationError) -> str:
-    key = err.full_key or "a key"
-    node = OmegaConf.select(OmegaConf.structured(Config), key.split("[")[0], default=None)
-    if OmegaConf.is_list(node):
-        return f"{key} takes a list, e.g. {key}={OmegaConf.to_container(node)}"
-    return f"{key}: {first_line(err)}"
 
 
 def _check_override(item: str, cfg: DictConfig) -> None:
@@ -200,8 +196,7 @@ def step_layout(train: TrainConfig, processes: int = 1) -> StepLayout:
                 f"train.effective_batch_size={train.effective_batch_size} is not a multiple of train.batch_size="
                 f"{train.batch_size} x {processes} process(es) = {per_step}; change one of them")
         accum = train.effective_batch_size // per_step
-    return StepLayout(train.batch_size * accum * processes, processes, accum,
-                      None if train.micro_batch_tokens is None else str(train.micro_batch_tokens))
+    return StepLayout(train.batch_size * accum * processes, processes, accum, train.micro_batch_tokens)
 
 
 def scaled_lr(train: TrainConfig, effective_batch: int) -> float:
