@@ -104,21 +104,27 @@ class TrainingState:
                 "train/samples": self.samples, "train/epoch": self.fractional_epoch(train_reviews),
                 "train/tokens_per_s": round((self.tokens - tokens) / max(self.train_seconds - seconds, 1e-9), 1)}
 
+    def validation_record(self, metrics: dict, train_reviews: int) -> dict:
+        return {"epoch": self.fractional_epoch(train_reviews), **{f"val/{k}": v for k, v in metrics.items()},
+                "val/samples": self.samples}
+
     def fractional_epoch(self, train_reviews: int) -> float | int:
         """Epochs of training reviews seen: a whole number at an epoch's end, so records read 1, 2, 3."""
         epoch = round(self.samples / train_reviews, 6)
         return int(epoch) if epoch == int(epoch) else epoch
 
-    def validated(self, value: float, lower_is_better: bool, sha256: str, epoch: float, patience: Optional[int],
-                  min_delta: float) -> bool:
-        """Whether `value` is the best so far (then kept); after `patience` validations in a row that gain no more
-        than `min_delta`, training stops early."""
+    def count_for_early_stopping(self, value: float, lower_is_better: bool, patience: Optional[int],
+                                 min_delta: float, epoch: float) -> None:
+        """Before update_best: after `patience` validations in a row that gain no more than `min_delta`, stop."""
         best = self.best_value
         gain = None if best is None else (best - value if lower_is_better else value - best)
         self.stale_validations = 0 if gain is None or gain > min_delta else self.stale_validations + 1
         if patience is not None and self.stale_validations >= patience:
             self.stopped_early_at = {"step": self.step, "epoch": epoch}
-        if gain is not None and not gain > 0:  # not better (a NaN never is)
+
+    def update_best(self, value: float, lower_is_better: bool, sha256: str, epoch: float) -> bool:
+        best = self.best_value
+        if best is not None and not (value < best if lower_is_better else value > best):
             return False
         self.best_step, self.best_epoch, self.best_value, self.best_sha256 = self.step, epoch, value, sha256
         return True
@@ -205,11 +211,10 @@ class Records:
         metric, train = self.cfg.checkpoint.best_metric, self.cfg.train
         val, rows = evaluate(model, self.loaders.validation, self.device, self.precision, self.gather,
                              self.progress.evaluating("validation", len(self.splits.validation)))
-        weights = Weights.of(model)
-        record = {"epoch": state.fractional_epoch(self.reviews), **{f"val/{k}": v for k, v in val.items()},
-                  "val/samples": state.samples}
-        best = state.validated(val[metric], metric == "loss", weights.sha256, record["epoch"],
-                               None if last else train.early_stopping_patience, train.early_stopping_min_delta)
+        weights, record = Weights.of(model), state.validation_record(val, self.reviews)
+        state.count_for_early_stopping(val[metric], metric == "loss", None if last else train.early_stopping_patience,
+                                       train.early_stopping_min_delta, record["epoch"])
+        best = state.update_best(val[metric], metric == "loss", weights.sha256, record["epoch"])
         self.tracker.log(record, state.step)
         if best and self.is_main:
             self.run.write_predictions("validation", rows, self.splits.texts(rows["index"]), self.cfg.data.max_length)

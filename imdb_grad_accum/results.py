@@ -226,7 +226,7 @@ def write_results(runs: list[FinishedRun], out: Path, baseline: str | None, pair
 
 def default_out(paths: list[Path]) -> Path:
     """Beside the runs: <the folder that holds them all>/results."""
-    holders = [str((path.parent if RunDir(path).is_run() else path).resolve()) for path in paths]
+    holders = [str(path.resolve().parent if RunDir(path).is_run() else path.resolve()) for path in paths]
     return Path(os.path.commonpath(holders)) / "results"
 
 

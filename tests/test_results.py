@@ -137,6 +137,14 @@ def test_comparisons_name_a_real_difference_and_say_which_is_better(tmp_path):
     assert _sentences(out / "exp_2" / "README.md")[0].startswith("- **lr=0.1** is more accurate than **lr=0.2** (+15.0")
 
 
+def test_results_of_the_run_one_is_in_go_beside_it(tmp_path, monkeypatch):
+    """`imdb-results .` inside a run directory: the tables go beside the run, as for any other path to it."""
+    run = fake_run(tmp_path / "runs" / "good", 380)
+    monkeypatch.chdir(run)
+    results.main(["."])
+    assert (tmp_path / "runs" / "results" / "exp_2" / "README.md").is_file()
+
+
 def test_runs_on_other_reviews_are_never_compared(tmp_path):
     """Two runs with the same review indices whose test reviews differ (other data, or files replaced between the
     runs): their per-review results are not paired. Sabotage: pairing by review index alone, which reported +40
