@@ -52,7 +52,7 @@ SABOTAGES = [
   "if p.name not in RESULT_FILES or not p.is_file()", "if False",
   "tests/test_ownership.py::test_results_write_outside_runs_and_replace_only_their_own_folders tests/test_results.py"),
  ("leak-free split: test is not validation", "imdb_grad_accum/data.py",
-  'parts["test"].append(rows[n_val:n_val + n_test])', 'parts["test"].append(rows[:n_val])',
+  "np.split(rows, [n_val, n_val + n_test])", "[rows[:n_val], rows[:n_val], rows[n_val + n_test:]]",
   "tests/test_data.py"),
  ("leak-free split: duplicates dropped", "imdb_grad_accum/data.py",
   "        first = first_seen.setdefault(text, i)\n", "        first = first_seen.setdefault(text + str(i), i)\n",
