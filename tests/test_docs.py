@@ -108,3 +108,12 @@ def test_every_command_in_the_readme_and_docs_runs_as_written(page, words, tmp_p
         result = subprocess.run([sys.executable, PROJECT / script, "--help"], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
+
+
+def test_every_sabotage_still_breaks_the_product():
+    """tests/sabotage.py (the table in tests/README.md) proves each promise has a failing test only while each
+    sabotage's line is still in the product: a refactor that moves the line must move the sabotage with it."""
+    from sabotage import SABOTAGES
+
+    stale = [promise for promise, file, old, _, _ in SABOTAGES if (PROJECT / file).read_text().count(old) != 1]
+    assert not stale, f"update these sabotages in tests/sabotage.py: {stale}"
