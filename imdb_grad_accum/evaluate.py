@@ -19,7 +19,6 @@ counts excluded as seen and as duplicates) and <run name>/predictions.csv in the
 """
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -102,7 +101,7 @@ def main(argv=None) -> Path:
     from imdb_grad_accum.data import text_sha256
     from imdb_grad_accum.report import error_analysis
     from imdb_grad_accum.comparisons import Row, comparison_section
-    from imdb_grad_accum.results import FinishedRun
+    from imdb_grad_accum.results import FinishedRun, default_out
 
     p = command_parser(__doc__)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="finished run directories")
@@ -118,7 +117,7 @@ def main(argv=None) -> Path:
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive integer")
     data_name = re.sub(r"[^\w.-]+", "-", Path(args.data.rstrip("/")).name) or "data"
-    out = args.out or Path(os.path.commonpath([str(r.resolve().parent) for r in args.runs])) / f"evaluation-{data_name}"
+    out = args.out or default_out(args.runs, f"evaluation-{data_name}")
     refuse_inside_a_run(out, "the evaluation")
     foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES
                and not (p.is_dir() and {q.name for q in p.iterdir()} <= RUN_FILES)] if out.is_dir() else []

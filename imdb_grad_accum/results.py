@@ -224,10 +224,10 @@ def write_results(runs: list[FinishedRun], out: Path, baseline: str | None, pair
     return written
 
 
-def default_out(paths: list[Path]) -> Path:
-    """Beside the runs: <the folder that holds them all>/results."""
+def default_out(paths: list[Path], name: str = "results") -> Path:
+    """Beside the runs: <the folder that holds them all>/<name>."""
     holders = [str(path.resolve().parent if RunDir(path).is_run() else path.resolve()) for path in paths]
-    return Path(os.path.commonpath(holders)) / "results"
+    return Path(os.path.commonpath(holders)) / name
 
 
 def _relative(path: Path) -> Path:
